@@ -1,0 +1,233 @@
+"""`params.yaml`, read once into frozen dataclasses.
+
+Every key the pipeline reads is declared here with its type, and nowhere else has a default: the values
+live in `params.yaml` (the single source of truth that DVC tracks). Loading rejects unknown keys, missing
+keys and wrong types with a message naming the file and the dotted key. `-S section.key=value` overrides
+use the syntax of `dvc exp run -S`: the value is parsed as a YAML scalar (`3`, `1e-4`, `true`, `null`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mdkat.errors import MdkatError
+
+
+class ConfigError(MdkatError):
+    """A parameter file or override that does not match the declared schema."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class PerModality:
+    """One integer per named modality (feature dims, sequence lengths)."""
+
+    text: int
+    audio: int
+    vision: int
+
+
+@dataclass(frozen=True)
+class UnalignedLengths:
+    """Audio and vision steps of unaligned data; text keeps `data.seq_len` steps (one per token)."""
+
+    audio: int
+    vision: int
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The synthetic data generator (see `mdkat.data.synthetic`)."""
+
+    n_train: int
+    n_valid: int
+    n_test: int
+    dims: PerModality
+    aligned: bool
+    unaligned_len: UnalignedLengths
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is shaped (`prepare` stage)."""
+
+    source: Literal["synthetic", "mmsa", "cmu-sdk"]
+    dataset: Literal["mosi", "mosei"]
+    seed: int
+    seq_len: int
+    path: str | None
+    url: str | None
+    sha256: str | None
+    base_url: str
+    csd_dir: str | None
+    cache_dir: str
+    mosi_feature_subset: bool
+    download_retries: int
+    download_timeout_s: float
+    synthetic: SyntheticConfig
+
+
+@dataclass(frozen=True)
+class Params:
+    """Everything in `params.yaml`."""
+
+    data: DataConfig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str] = ()) -> Params:
+    """Read `path`, apply `-S key=value` overrides, and validate the result into `Params`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: parameter file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    by_key = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        _check_key_exists(Params, key, f"override -S {item}")
+        _set_dotted(raw, key, value, f"{path} (override -S {item})")
+        by_key[key] = item
+    try:
+        return from_mapping(Params, raw, str(path))
+    except ConfigError as e:
+        if e.key in by_key:
+            raise ConfigError(f"{e} (set by -S {by_key[e.key]})", e.key) from None
+        raise
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split `a.b=value` into the dotted key and the value parsed as a YAML scalar."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected the form section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not a YAML scalar: {e}") from None
+    return key, value
+
+
+def _set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_key_exists(cls: type, key: str, where: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for i, part in enumerate(key.split(".")):
+        if not (dataclasses.is_dataclass(cls) and part in hints):
+            prefix = ".".join(key.split(".")[:i])
+            known = ", ".join(sorted(hints)) if dataclasses.is_dataclass(cls) else "(not a section)"
+            raise ConfigError(f"{where}: unknown key '{key}' ('{prefix or '<top>'}' has: {known})")
+        cls = hints[part]
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+
+
+def from_mapping(cls: type, raw: Any, file: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and type; errors name `file` and the key."""
+    where = prefix.rstrip(".") or "<top>"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: '{where}' must be a mapping, got {_describe(raw)}", prefix.rstrip("."))
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{file}: unknown key '{prefix}{unknown[0]}' (allowed in '{where}': {', '.join(names)})",
+            f"{prefix}{unknown[0]}",
+        )
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ConfigError(f"{file}: missing key '{prefix}{missing[0]}'", f"{prefix}{missing[0]}")
+    values = {n: _convert(hints[n], raw[n], file, f"{prefix}{n}") for n in names}
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, file: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, file, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(option, value, file, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{file}: '{key}' expected {_type_name(tp)}, got {_describe(value)}", key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{file}: '{key}' expected one of {list(allowed)}, got {_describe(value)}", key)
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(
+                f"{file}: '{key}' expected a list of {_type_name(item_tp)}, got {_describe(value)}", key
+            )
+        return tuple(_convert(item_tp, v, file, f"{key}[{i}]") for i, v in enumerate(value))
+    # bool is a subclass of int in Python; `true` where a number is expected is a mistake, not 1.
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported parameter type {tp!r} for {key}")
+    if not ok:
+        raise ConfigError(f"{file}: '{key}' expected {_type_name(tp)}, got {_describe(value)}", key)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """`{'data.seed': 1111, ...}`: a dataclass tree as dotted keys (for logging and hashing)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(to_flat_dict(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
+    return out

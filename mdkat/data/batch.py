@@ -1,0 +1,55 @@
+"""`Batch`: named modalities with their lengths and labels, the one batch type of every later stage."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mdkat import MODALITIES
+
+
+@dataclass
+class Batch:
+    """A batch (or a whole split) of samples; padded steps lie after each sample's length."""
+
+    text: torch.Tensor  # (B, T_text, d_text) float32
+    audio: torch.Tensor  # (B, T_audio, d_audio)
+    vision: torch.Tensor  # (B, T_vision, d_vision)
+    text_len: torch.Tensor  # (B,) int64
+    audio_len: torch.Tensor  # (B,) int64
+    vision_len: torch.Tensor  # (B,) int64
+    label: torch.Tensor  # (B,) float32, sentiment in [-3, 3]
+    id: list[str]
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Batch:
+        """Wrap a split's numpy arrays (prepared format) without copying them."""
+        tensors = {f.name: torch.from_numpy(arrays[f.name]) for f in dataclasses.fields(cls) if f.name != "id"}
+        return cls(**tensors, id=arrays["id"].tolist())
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def features(self, modality: str) -> torch.Tensor:
+        """The (B, T, d) features of a named modality."""
+        return getattr(self, modality)
+
+    def lengths(self, modality: str) -> torch.Tensor:
+        """The (B,) valid lengths of a named modality."""
+        return getattr(self, f"{modality}_len")
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The same batch on `device`."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def select(self, index: torch.Tensor) -> Batch:
+        """The samples at `index` (a 1-D index tensor on the batch's device), in that order."""
+        ids = [self.id[i] for i in index.tolist()]
+        return dataclasses.replace(self._map(lambda t: t.index_select(0, index)), id=ids)
+
+    def _map(self, fn) -> Batch:
+        tensors = {f: fn(getattr(self, f)) for f in (*MODALITIES, *(f"{m}_len" for m in MODALITIES), "label")}
+        return Batch(**tensors, id=self.id)
