@@ -4,14 +4,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# dvc.yaml runs `python ...`: it must be the environment's interpreter
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: repro test setup
 repro: setup
-	$(BIN)/dvc repro
+	dvc repro
 
 test: setup
-	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	ruff check .
+	pytest -q
 
 setup: $(STAMP)
 

@@ -9,6 +9,7 @@ use the syntax of `dvc exp run -S`: the value is parsed as a YAML scalar (`3`, `
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -88,11 +89,26 @@ class Params:
 # loading
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; researchers (and `dvc exp run -S`) mean a float, as in YAML 1.2."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str] = ()) -> Params:
     """Read `path`, apply `-S key=value` overrides, and validate the result into `Params`."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: parameter file not found") from None
     except yaml.YAMLError as e:
@@ -120,7 +136,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected the form section.key=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = _yaml(text) if text.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: value is not a YAML scalar: {e}") from None
     return key, value

@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
+def _default_mode(directory: bool) -> int:
+    # mkstemp/mkdtemp create private (0600/0700) entries; published outputs get the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """SHA-256 hex digest of a file, read in chunks."""
     h = hashlib.sha256()
@@ -34,6 +41,7 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode(directory=False))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -70,6 +78,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(directory=True))
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))

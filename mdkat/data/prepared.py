@@ -79,7 +79,7 @@ def validate_split(arrays: SplitArrays, split: str, where: str) -> None:
         raise DataError(f"{where}: split '{split}' key 'label': expected float32 of shape ({n},), got {label.shape}")
     if not np.isfinite(label).all():
         bad = int(np.flatnonzero(~np.isfinite(label))[0])
-        raise DataError(f"{where}: split '{split}' key 'label': non-finite label for id {arrays['id'][bad]!r}")
+        raise DataError(f"{where}: split '{split}' key 'label': non-finite label for id '{arrays['id'][bad]}'")
     if arrays["id"].dtype.kind != "U":
         raise DataError(f"{where}: split '{split}' key 'id': expected strings, got {arrays['id'].dtype}")
 
@@ -115,9 +115,9 @@ def write_prepared(out: str | Path, splits: dict[str, SplitArrays], info: dict[s
         raise ValueError(f"write_prepared: info lacks {missing_info}")
     if sorted(splits) != sorted(SPLITS):
         raise DataError(f"{out}: expected splits {list(SPLITS)}, got {sorted(splits)}")
-    replaced = {split: sanitize(arrays) for split, arrays in splits.items()}
     for split, arrays in splits.items():
         validate_split(arrays, split, str(out))
+    replaced = {split: sanitize(arrays) for split, arrays in splits.items()}
     first = splits["train"]
     dims = {m: int(first[m].shape[2]) for m in MODALITIES}
     seq_len = {m: int(first[m].shape[1]) for m in MODALITIES}

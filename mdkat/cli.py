@@ -1,0 +1,86 @@
+"""Command line of the pipeline's stages: `mdkat <stage> ...`, also behind each `stages/<stage>.py`.
+
+Every stage takes `--params FILE` (default `params.yaml`) and repeated `-S section.key=value` overrides
+(the syntax of `dvc exp run -S`). Errors caused by input or configuration print one clear line and exit
+with status 1 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from mdkat.config import Params, load_params
+from mdkat.errors import MdkatError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter, e.g. -S data.seed=2 (repeatable; values are YAML scalars)",
+    )
+
+
+def _prepare(args: argparse.Namespace, params: Params) -> str:
+    from mdkat.data.prepare import prepare
+
+    manifest = prepare(params.data, args.out)
+    counts = "/".join(str(manifest["counts"][s]) for s in ("train", "valid", "test"))
+    summary = f"prepared {manifest['source']} data ({counts} train/valid/test) in {args.out}"
+    if "oracle" in manifest:
+        full = manifest["oracle"]["full"]
+        summary += f"; oracle test Non0 Acc-2 {full['acc2_non0']:.4f}, MAE {full['mae']:.4f}"
+    return summary
+
+
+# stage name -> (help, argument adder, runner); the console script and stages/*.py share it
+STAGES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., str]]] = {
+    "prepare": (
+        "write the prepared data format from data.source",
+        lambda p: p.add_argument("--out", required=True, help="output directory"),
+        _prepare,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `mdkat` argument parser, one sub-command per stage."""
+    parser = argparse.ArgumentParser(prog="mdkat", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for name, (help_text, add_arguments, _run) in STAGES.items():
+        stage = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(stage)
+        _common(stage)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one stage; return the process exit status."""
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        params = load_params(args.params, args.overrides)
+        summary = STAGES[args.stage][2](args, params)
+    except MdkatError as e:
+        print(f"mdkat {args.stage}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"mdkat {args.stage}: {summary} [{time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def run_stage(stage: str) -> None:
+    """Entry point of `stages/<stage>.py`: the same as `mdkat <stage> ...`."""
+    sys.exit(main([stage, *sys.argv[1:]]))
+
+
+def console() -> None:
+    """The `mdkat` console script."""
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Sentiment regression metrics, with the field's (MMSA's) definitions, as one pure function.
+
+- `mae`: mean |p - t|; `corr`: Pearson's r.
+- `acc7` / `acc5`: agreement of round(clip(x, -3, 3)) / round(clip(x, -2, 2)), numpy's round-half-to-even.
+- `acc2_has0` / `f1_has0`: (t >= 0) vs (p >= 0) over all samples (zero counts as positive).
+- `acc2_non0` / `f1_non0`: samples with t == 0 dropped, then (t > 0) vs (p > 0) (a zero prediction is
+  negative).
+F1 is scikit-learn's support-weighted F1 with (y_true, y_pred) in that order. Values are fractions at full
+precision. Undefined values are NaN, never a crash: `corr` when either side is constant (with a warning),
+the Non0 pair when every label is zero.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+METRIC_NAMES = ("mae", "corr", "acc7", "acc5", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0")
+
+
+def _binary(true: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    acc = float(np.mean(true == pred))
+    # zero_division=0 is sklearn's default value, without its warning when a class is never predicted.
+    f1 = float(f1_score(true, pred, average="weighted", zero_division=0))
+    return acc, f1
+
+
+def regression_metrics(pred, true) -> dict[str, float]:
+    """MAE, Corr, Acc-7, Acc-5 and Has0/Non0 Acc-2 and F1 of predictions `pred` against labels `true`."""
+    p = np.asarray(pred, dtype=np.float64).reshape(-1)
+    t = np.asarray(true, dtype=np.float64).reshape(-1)
+    if p.shape != t.shape:
+        raise ValueError(f"regression_metrics: {p.size} predictions for {t.size} labels")
+    if p.size == 0:
+        raise ValueError("regression_metrics: no samples")
+    if not (np.isfinite(p).all() and np.isfinite(t).all()):
+        raise ValueError("regression_metrics: predictions and labels must be finite")
+
+    if np.ptp(p) == 0 or np.ptp(t) == 0:
+        warnings.warn("regression_metrics: constant predictions or labels, corr is undefined (NaN)", stacklevel=2)
+        corr = float("nan")
+    else:
+        corr = float(np.corrcoef(p, t)[0, 1])
+
+    out = {
+        "mae": float(np.mean(np.abs(p - t))),
+        "corr": corr,
+        "acc7": float(np.mean(np.round(np.clip(p, -3, 3)) == np.round(np.clip(t, -3, 3)))),
+        "acc5": float(np.mean(np.round(np.clip(p, -2, 2)) == np.round(np.clip(t, -2, 2)))),
+    }
+    out["acc2_has0"], out["f1_has0"] = _binary(t >= 0, p >= 0)
+    nonzero = t != 0
+    if nonzero.any():
+        out["acc2_non0"], out["f1_non0"] = _binary(t[nonzero] > 0, p[nonzero] > 0)
+    else:
+        out["acc2_non0"] = out["f1_non0"] = float("nan")
+    return out

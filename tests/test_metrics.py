@@ -1,0 +1,75 @@
+"""regression_metrics against values computed by hand."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mdkat.io import write_json
+from mdkat.metrics import METRIC_NAMES, regression_metrics
+
+
+def test_binary_metrics_and_weighted_f1_by_hand():
+    t = [1, 2, -1, -2, 0, 0.4]
+    p = [1, -1, -1, 0, -0.5, 0]
+    m = regression_metrics(p, t)
+    # Has0: t>=0 = 110011, p>=0 = 100101 -> 3 of 6 agree.
+    assert m["acc2_has0"] == pytest.approx(0.5)
+    # positive class: P=2/3 R=1/2 F1=4/7 (support 4); negative: P=1/3 R=1/2 F1=2/5 (support 2).
+    assert m["f1_has0"] == pytest.approx((4 * 4 / 7 + 2 * 2 / 5) / 6)
+    # Non0 drops the zero label; zero predictions count as negative: t>0 = 11001, p>0 = 10000.
+    assert m["acc2_non0"] == pytest.approx(3 / 5)
+    # positive: P=1 R=1/3 F1=1/2 (support 3); negative: P=1/2 R=1 F1=2/3 (support 2).
+    assert m["f1_non0"] == pytest.approx((3 * 1 / 2 + 2 * 2 / 3) / 5)
+    assert m["mae"] == pytest.approx(5.9 / 6)
+
+
+def test_mae_acc7_acc5_by_hand():
+    p = [0.5, -0.5, 1.5, 2.5, -2.6, 0.0, 4.0]
+    t = [1.0, -1.0, 2.0, 2.0, -3.0, 0.0, 3.0]
+    m = regression_metrics(p, t)
+    assert m["mae"] == pytest.approx((0.5 + 0.5 + 0.5 + 0.5 + 0.4 + 0 + 1.0) / 7)
+    # rounded predictions 0,0,2,2,-3,0,3 vs labels 1,-1,2,2,-3,0,3
+    assert m["acc7"] == pytest.approx(5 / 7)
+    # clipped to +-2: predictions 0,0,2,2,-2,0,2 vs labels 1,-1,2,2,-2,0,2
+    assert m["acc5"] == pytest.approx(5 / 7)
+
+
+def test_ties_round_half_to_even():
+    p = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5]
+    assert regression_metrics(p, [0, 2, 2, 0, -2, -2])["acc7"] == 1.0
+    m = regression_metrics(p, [1, 1, 3, -1, -1, -3])
+    assert m["acc7"] == 0.0
+    # with clip +-2 the labels 3 and -3 become 2 and -2, which 2.5 and -2.5 round to
+    assert m["acc5"] == pytest.approx(2 / 6)
+
+
+def test_pearson_by_hand():
+    assert regression_metrics([1, 2, 3], [1, 3, 2])["corr"] == pytest.approx(0.5)
+    assert regression_metrics([1, 2, 3], [3, 2, 1])["corr"] == pytest.approx(-1.0)
+
+
+def test_constant_prediction_gives_nan_corr_written_as_null(tmp_path):
+    with pytest.warns(UserWarning, match="corr is undefined"):
+        m = regression_metrics([0.3, 0.3, 0.3], [1, -1, 2])
+    assert math.isnan(m["corr"])
+    assert m["acc2_has0"] == pytest.approx(2 / 3)
+    write_json(tmp_path / "m.json", m)
+    assert json.loads((tmp_path / "m.json").read_text())["corr"] is None
+
+
+def test_all_zero_labels_give_nan_non0():
+    with pytest.warns(UserWarning, match="corr is undefined"):
+        m = regression_metrics([0.5, -0.5], [0.0, 0.0])
+    assert math.isnan(m["acc2_non0"]) and math.isnan(m["f1_non0"])
+    assert m["acc2_has0"] == 0.5
+
+
+def test_keys_and_bad_input():
+    m = regression_metrics(np.array([[0.1], [0.2]]), np.array([0.0, 1.0]))
+    assert tuple(m) == METRIC_NAMES
+    with pytest.raises(ValueError, match="2 predictions for 3 labels"):
+        regression_metrics([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="finite"):
+        regression_metrics([np.nan, 1.0], [1.0, 2.0])
