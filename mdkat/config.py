@@ -114,7 +114,9 @@ def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}"
+        )
     by_key = {}
     for item in overrides:
         key, value = parse_override(item)

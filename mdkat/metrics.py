@@ -39,7 +39,9 @@ def regression_metrics(pred, true) -> dict[str, float]:
         raise ValueError("regression_metrics: predictions and labels must be finite")
 
     if np.ptp(p) == 0 or np.ptp(t) == 0:
-        warnings.warn("regression_metrics: constant predictions or labels, corr is undefined (NaN)", stacklevel=2)
+        warnings.warn(
+            "regression_metrics: constant predictions or labels, corr is undefined (NaN)", stacklevel=2
+        )
         corr = float("nan")
     else:
         corr = float(np.corrcoef(p, t)[0, 1])

@@ -106,10 +106,22 @@ def test_nonfinite_values_are_zeroed_and_counted(tmp_path):
     ("mutate", "message"),
     [
         (lambda s: s["valid"].pop("audio"), "split 'valid': missing key 'audio'"),
-        (lambda s: s["train"].update(text=s["train"]["text"][:, :, 0]), "split 'train' key 'text': expected rank 3"),
-        (lambda s: s["test"].update(vision=s["test"]["vision"][:-1]), "split 'test': key 'vision' has 9 samples"),
-        (lambda s: s["train"]["audio_len"].__setitem__(0, 0), "split 'train' key 'audio_len': lengths must lie"),
-        (lambda s: s["train"]["label"].__setitem__(2, np.nan), "non-finite label for id 'synthetic_train_00002'"),
+        (
+            lambda s: s["train"].update(text=s["train"]["text"][:, :, 0]),
+            "split 'train' key 'text': expected rank 3",
+        ),
+        (
+            lambda s: s["test"].update(vision=s["test"]["vision"][:-1]),
+            "split 'test': key 'vision' has 9 samples",
+        ),
+        (
+            lambda s: s["train"]["audio_len"].__setitem__(0, 0),
+            "split 'train' key 'audio_len': lengths must lie",
+        ),
+        (
+            lambda s: s["train"]["label"].__setitem__(2, np.nan),
+            "non-finite label for id 'synthetic_train_00002'",
+        ),
     ],
 )
 def test_invalid_splits_leave_no_output(tmp_path, mutate, message):

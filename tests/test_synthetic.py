@@ -50,7 +50,9 @@ def test_default_shapes_dtypes_and_padding():
     for split, n in (("train", 24), ("valid", 8), ("test", 10)):
         a = syn.splits[split]
         assert {m: a[m].shape for m in MODALITIES} == {
-            "text": (n, 50, 768), "audio": (n, 50, 5), "vision": (n, 50, 20)
+            "text": (n, 50, 768),
+            "audio": (n, 50, 5),
+            "vision": (n, 50, 20),
         }
         assert all(a[m].dtype == np.float32 and a[f"{m}_len"].dtype == np.int64 for m in MODALITIES)
         for m in MODALITIES:
@@ -128,12 +130,12 @@ def test_manifest_carries_both_oracles(tmp_path):
 def test_each_modality_alone_predicts_less_than_all_together(big):
     tr, te = big.splits["train"], big.splits["test"]
     pooled = {s: {m: _pool(a, m, _valid(a, m)) for m in MODALITIES} for s, a in (("tr", tr), ("te", te))}
-    corr = {
-        m: _fit_corr(pooled["tr"][m], tr["label"], pooled["te"][m], te["label"]) for m in MODALITIES
-    }
+    corr = {m: _fit_corr(pooled["tr"][m], tr["label"], pooled["te"][m], te["label"]) for m in MODALITIES}
     all_corr = _fit_corr(
-        np.hstack([pooled["tr"][m] for m in MODALITIES]), tr["label"],
-        np.hstack([pooled["te"][m] for m in MODALITIES]), te["label"],
+        np.hstack([pooled["tr"][m] for m in MODALITIES]),
+        tr["label"],
+        np.hstack([pooled["te"][m] for m in MODALITIES]),
+        te["label"],
     )
     assert all(c > 0.2 for c in corr.values()), corr
     assert all_corr > max(corr.values()) + 0.05, (all_corr, corr)
@@ -149,7 +151,10 @@ def test_distractor_steps_carry_no_label_signal(big):
         off_tr, off_te = _valid(tr, m) & ~cue_tr, _valid(te, m) & ~cue_te
         keep_tr, keep_te = off_tr.any(1), off_te.any(1)
         off = _fit_corr(
-            _pool(tr, m, off_tr)[keep_tr], tr["label"][keep_tr], _pool(te, m, off_te)[keep_te], te["label"][keep_te]
+            _pool(tr, m, off_tr)[keep_tr],
+            tr["label"][keep_tr],
+            _pool(te, m, off_te)[keep_te],
+            te["label"][keep_te],
         )
         assert on_cue > 0.4, (m, on_cue)
         assert abs(off) < 0.1, (m, off)

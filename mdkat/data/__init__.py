@@ -28,8 +28,12 @@ def load_prepared(directory: str | Path, splits: tuple[str, ...] = SPLITS) -> Pr
     `splits` limits what is read (training never needs `test`); splits not read are None.
     """
     manifest = read_manifest(directory)
-    batches = {s: Batch.from_arrays(read_split(directory, s, manifest)) if s in splits else None for s in SPLITS}
-    return Prepared(**batches, manifest=manifest, manifest_sha256=sha256_file(Path(directory) / "manifest.json"))
+    batches = {
+        s: Batch.from_arrays(read_split(directory, s, manifest)) if s in splits else None for s in SPLITS
+    }
+    return Prepared(
+        **batches, manifest=manifest, manifest_sha256=sha256_file(Path(directory) / "manifest.json")
+    )
 
 
 __all__ = ["Batch", "DataError", "Prepared", "load_prepared"]

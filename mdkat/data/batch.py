@@ -27,7 +27,9 @@ class Batch:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Batch:
         """Wrap a split's numpy arrays (prepared format) without copying them."""
-        tensors = {f.name: torch.from_numpy(arrays[f.name]) for f in dataclasses.fields(cls) if f.name != "id"}
+        tensors = {
+            f.name: torch.from_numpy(arrays[f.name]) for f in dataclasses.fields(cls) if f.name != "id"
+        }
         return cls(**tensors, id=arrays["id"].tolist())
 
     def __len__(self) -> int:

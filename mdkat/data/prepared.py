@@ -55,7 +55,9 @@ def validate_split(arrays: SplitArrays, split: str, where: str) -> None:
     for m in MODALITIES:
         x = arrays[m]
         if x.ndim != 3:
-            raise DataError(f"{where}: split '{split}' key '{m}': expected rank 3 (N, T, d), got shape {x.shape}")
+            raise DataError(
+                f"{where}: split '{split}' key '{m}': expected rank 3 (N, T, d), got shape {x.shape}"
+            )
         if x.dtype != np.float32:
             raise DataError(f"{where}: split '{split}' key '{m}': expected float32, got {x.dtype}")
         length = arrays[f"{m}_len"]
@@ -76,10 +78,14 @@ def validate_split(arrays: SplitArrays, split: str, where: str) -> None:
             )
     label = arrays["label"]
     if label.shape != (n,) or label.dtype != np.float32:
-        raise DataError(f"{where}: split '{split}' key 'label': expected float32 of shape ({n},), got {label.shape}")
+        raise DataError(
+            f"{where}: split '{split}' key 'label': expected float32 of shape ({n},), got {label.shape}"
+        )
     if not np.isfinite(label).all():
         bad = int(np.flatnonzero(~np.isfinite(label))[0])
-        raise DataError(f"{where}: split '{split}' key 'label': non-finite label for id '{arrays['id'][bad]}'")
+        raise DataError(
+            f"{where}: split '{split}' key 'label': non-finite label for id '{arrays['id'][bad]}'"
+        )
     if arrays["id"].dtype.kind != "U":
         raise DataError(f"{where}: split '{split}' key 'id': expected strings, got {arrays['id'].dtype}")
 
@@ -156,7 +162,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON: {e}") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise DataError(
+            f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     return manifest
 
 

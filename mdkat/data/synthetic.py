@@ -152,7 +152,9 @@ def _features(
     own = np.where(cue, z_own[:, None], fake[..., 1]).astype(np.float32)  # (N, T)
     x += np.float32(style.gain) * (shared[..., None] * dirs.shared + own[..., None] * dirs.specific)
     x += np.float32(style.marker) * cue[..., None].astype(np.float32) * dirs.marker
-    speaker = rng.standard_normal((n, dirs.nuisance.shape[1]), dtype=np.float32) * np.float32(style.nuisance_std)
+    speaker = rng.standard_normal((n, dirs.nuisance.shape[1]), dtype=np.float32) * np.float32(
+        style.nuisance_std
+    )
     x += (speaker @ dirs.nuisance.T)[:, None, :]  # (N, 1, d): the same on every step of a sample
     x *= (np.arange(t)[None, :] < length[:, None])[..., None]  # zero padding
     return x
@@ -192,7 +194,10 @@ def generate(cfg: DataConfig) -> Synthetic:
     steps = {"text": cfg.seq_len, "audio": cfg.seq_len, "vision": cfg.seq_len}
     if not syn.aligned:
         steps.update(audio=syn.unaligned_len.audio, vision=syn.unaligned_len.vision)
-    for key, value in [*((f"dims.{m}", v) for m, v in dims.items()), *((f"steps.{m}", v) for m, v in steps.items())]:
+    for key, value in [
+        *((f"dims.{m}", v) for m, v in dims.items()),
+        *((f"steps.{m}", v) for m, v in steps.items()),
+    ]:
         if value < 1:
             raise DataError(f"data.synthetic.{key}: expected a positive integer, got {value}")
 

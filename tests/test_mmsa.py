@@ -1,0 +1,386 @@
+"""The `mmsa` source against small MMSA-shaped pickles written here, and hostile or damaged pickles."""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import hashlib
+import os
+import pickle
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mdkat.config import load_params
+from mdkat.data.mmsa import from_mmsa, load_mmsa, safe_load_pickle
+from mdkat.data.prepared import DataError, read_manifest, read_split, write_prepared
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"train": 7, "valid": 3, "test": 4}
+DIMS = {"text": 8, "audio": 3, "vision": 4}
+
+
+def _features(rng: np.random.Generator, n: int, t: int, d: int) -> np.ndarray:
+    # Non-zero at every step, padding included, so that a trailing-zero rule would give T, never the truth.
+    return (rng.uniform(0.5, 1.5, (n, t, d)) * rng.choice([-1, 1], (n, t, d))).astype(np.float32)
+
+
+def _text_bert(rng: np.random.Generator, n: int, t: int) -> np.ndarray:
+    lengths = rng.integers(1, t + 1, n)
+    mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int64)  # (N, T)
+    tokens = rng.integers(100, 30000, (n, t)) * mask
+    return np.stack([tokens, mask, np.zeros_like(mask)], axis=1)  # (N, 3, T)
+
+
+def make_mmsa(steps: dict[str, int], seed: int = 0, lengths_keys: bool = False) -> dict:
+    """A fake MMSA dict; `lengths_keys` adds `audio_lengths` / `vision_lengths` as unaligned files have."""
+    rng = np.random.default_rng(seed)
+    data = {}
+    for split, n in SIZES.items():
+        part = {m: _features(rng, n, steps[m], DIMS[m]) for m in DIMS}
+        part["text_bert"] = _text_bert(rng, n, steps["text"])
+        part["regression_labels"] = np.round(rng.uniform(-3, 3, n) * 3) / 3
+        part["id"] = np.array([f"vid{split}{i}$_${i % 3}" for i in range(n)], dtype=object)
+        part["raw_text"] = np.array([f"words of clip {i}" for i in range(n)], dtype=object)
+        part["classification_labels"] = np.sign(part["regression_labels"]) + 1
+        if lengths_keys:
+            part["audio_lengths"] = [int(v) for v in rng.integers(1, steps["audio"] + 1, n)]
+            part["vision_lengths"] = rng.integers(1, steps["vision"] + 1, n)
+        data[split] = part
+    return data
+
+
+ALIGNED = {"text": 6, "audio": 6, "vision": 6}
+UNALIGNED = {"text": 6, "audio": 9, "vision": 11}
+
+
+def _write(path: Path, data: object, protocol: int = pickle.HIGHEST_PROTOCOL) -> Path:
+    path.write_bytes(pickle.dumps(data, protocol=protocol))
+    return path
+
+
+def _mmsa_cfg(**changes):
+    return dataclasses.replace(load_params(ROOT / "params.yaml").data, source="mmsa", **changes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# conversion
+
+
+def test_aligned_lengths_follow_the_attention_mask_and_values_round_trip(tmp_path):
+    data = make_mmsa(ALIGNED)
+    splits, info = from_mmsa(safe_load_pickle(_write(tmp_path / "aligned_50.pkl", data)), "aligned_50.pkl")
+    assert info["aligned"] is True
+    assert info["lengths_from"] == {m: "text_bert attention mask" for m in DIMS}
+    for split, n in SIZES.items():
+        raw, out = data[split], splits[split]
+        mask_sum = np.count_nonzero(raw["text_bert"][:, 1, :], axis=1)
+        for m in DIMS:
+            assert out[m].dtype == np.float32 and out[m].shape == (n, 6, DIMS[m])
+            np.testing.assert_array_equal(out[m], raw[m])
+            assert out[f"{m}_len"].dtype == np.int64
+            np.testing.assert_array_equal(out[f"{m}_len"], mask_sum)
+        assert out["label"].dtype == np.float32 and out["label"].shape == (n,)
+        np.testing.assert_array_equal(out["label"], raw["regression_labels"].astype(np.float32))
+        assert out["id"].dtype.kind == "U"
+        assert out["id"].tolist() == [f"vid{split}{i}$_${i % 3}" for i in range(n)]
+
+
+def test_unaligned_lengths_from_length_keys_and_text_from_mask(tmp_path):
+    data = make_mmsa(UNALIGNED, seed=1, lengths_keys=True)
+    data["train"]["audio_lengths"][0] = 400  # longer than T_a = 9: clipped, and counted
+    splits, info = from_mmsa(
+        safe_load_pickle(_write(tmp_path / "unaligned_50.pkl", data)), "unaligned_50.pkl"
+    )
+    assert info["aligned"] is False
+    assert info["lengths_from"] == {
+        "text": "text_bert attention mask",
+        "audio": "audio_lengths",
+        "vision": "vision_lengths",
+    }
+    assert info["lengths_lowered_to_T"]["train"]["audio"] == 1
+    for split, n in SIZES.items():
+        out = splits[split]
+        assert [out[m].shape for m in DIMS] == [(n, 6, 8), (n, 9, 3), (n, 11, 4)]
+        expected_audio = np.array(data[split]["audio_lengths"])
+        if split == "train":
+            expected_audio[0] = 9
+        np.testing.assert_array_equal(out["audio_len"], expected_audio)
+        np.testing.assert_array_equal(out["vision_len"], data[split]["vision_lengths"])
+        np.testing.assert_array_equal(out["text_len"], data[split]["text_bert"][:, 1].sum(axis=1))
+
+
+def test_without_mask_or_lengths_the_trailing_zero_rows_give_the_length():
+    data = make_mmsa(ALIGNED, seed=2)
+    for part in data.values():
+        del part["text_bert"]
+    text = np.zeros((7, 6, 8), np.float32)
+    text[0, :3] = 1.0
+    text[0, 1] = 0.0  # a silent step inside the utterance must not end it: length 3
+    text[1, 4, 7] = -2.0  # one non-zero value in one feature is enough: length 5
+    # sample 2 stays all zero: length 0, raised to 1 and counted
+    text[3:] = 1.0  # full: length 6
+    audio = data["train"]["audio"].copy()
+    audio[:, 2:] = 0.0
+    audio[0, 4, 0] = -np.inf  # MOSEI's COVAREP has -inf: a value, not padding
+    data["train"]["text"], data["train"]["audio"] = text, audio
+    splits, info = from_mmsa(data, "mosi.pkl")
+    assert info["lengths_from"] == {m: "trailing zero rows" for m in DIMS}
+    np.testing.assert_array_equal(splits["train"]["text_len"], [3, 5, 1, 6, 6, 6, 6])
+    np.testing.assert_array_equal(splits["train"]["audio_len"], [5, 2, 2, 2, 2, 2, 2])
+    np.testing.assert_array_equal(splits["train"]["vision_len"], np.full(7, 6))
+    assert info["lengths_raised_to_1"]["train"] == {"text": 1, "audio": 0, "vision": 0}
+    assert info["lengths_raised_to_1"]["valid"] == {"text": 0, "audio": 0, "vision": 0}
+
+
+def test_column_labels_are_flattened_and_types_converted():
+    data = make_mmsa(UNALIGNED, seed=3, lengths_keys=True)
+    labels = np.array([[-3.0], [-1.2], [0.0], [0.4], [1.0 / 3.0], [2.8], [3.0]])  # (N, 1) float64
+    data["train"]["regression_labels"] = labels
+    data["train"]["audio"] = data["train"]["audio"].astype(np.float64)
+    data["train"]["vision_lengths"] = data["train"]["vision_lengths"].astype(np.float64)
+    del data["valid"]["id"]
+    splits, info = from_mmsa(data, "x.pkl")
+    train = splits["train"]
+    assert train["label"].shape == (7,) and train["label"].dtype == np.float32
+    np.testing.assert_array_equal(train["label"], np.float32([-3.0, -1.2, 0.0, 0.4, 1.0 / 3.0, 2.8, 3.0]))
+    assert train["audio"].dtype == np.float32 and train["vision_len"].dtype == np.int64
+    assert splits["valid"]["id"].tolist() == ["valid_0", "valid_1", "valid_2"]
+    assert info["ids_generated"] == ["valid"]
+
+
+def test_converted_splits_pass_the_prepared_writer(tmp_path):
+    data = make_mmsa(UNALIGNED, seed=4, lengths_keys=True)
+    data["test"]["audio"][1, 0, 0] = -np.inf
+    path = _write(tmp_path / "unaligned_50.pkl", data)
+    splits, info = load_mmsa(_mmsa_cfg(path=str(path)))
+    manifest = write_prepared(tmp_path / "prepared", splits, info)
+    assert manifest["nonfinite_replaced"]["test"]["audio"] == 1
+    assert manifest["seq_len"] == UNALIGNED and manifest["dims"] == DIMS
+    back = read_split(tmp_path / "prepared", "valid", read_manifest(tmp_path / "prepared"))
+    np.testing.assert_array_equal(back["vision_len"], data["valid"]["vision_lengths"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the restricted unpickler
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_pickles_of_every_common_protocol_load(tmp_path, protocol):
+    data = make_mmsa(ALIGNED, seed=5)
+    # values beyond arrays that real files hold: numpy scalars, a set, an empty bytes, a strided view
+    data["train"]["annotations"] = [
+        np.float64(1.5),
+        np.int64(2),
+        np.str_("Positive"),
+        {1, 2},
+        b"",
+        bytearray(b"x"),
+    ]
+    data["valid"]["audio"] = np.ascontiguousarray(data["valid"]["audio"])[:, :, ::-1]
+    loaded = safe_load_pickle(_write(tmp_path / "a.pkl", data, protocol))
+    assert loaded["train"]["annotations"] == [1.5, 2, "Positive", {1, 2}, b"", bytearray(b"x")]
+    for split in SIZES:
+        for key in ("text", "audio", "vision", "text_bert", "regression_labels", "id"):
+            np.testing.assert_array_equal(loaded[split][key], data[split][key])
+            assert loaded[split][key].dtype == data[split][key].dtype
+
+
+def test_a_numpy_1_pickle_loads_without_warnings(tmp_path):
+    data = make_mmsa(ALIGNED, seed=6)
+    data["train"]["annotations"] = [np.float32(0.5)]
+    blob = pickle.dumps(data, protocol=2)
+    old = blob.replace(b"numpy._core", b"numpy.core")
+    assert b"cnumpy.core.multiarray\n_reconstruct\n" in old and b"numpy._core" not in old
+    (tmp_path / "old.pkl").write_bytes(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = safe_load_pickle(tmp_path / "old.pkl")
+    np.testing.assert_array_equal(loaded["test"]["vision"], data["test"]["vision"])
+    assert loaded["train"]["annotations"] == [np.float32(0.5)]
+
+
+class _Payload:
+    """Pickles as a call of `func(*args)`: what a hostile file would contain."""
+
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("kind", ["system", "eval", "popen"])
+def test_a_pickle_that_calls_code_is_refused_before_it_runs(tmp_path, kind, protocol):
+    marker = tmp_path / "pwned"
+    func, args, name = {
+        "system": (os.system, (f"touch {marker}",), f"{os.system.__module__}.system"),
+        "eval": (builtins.eval, (f"open({str(marker)!r}, 'w').close()",), "builtins.eval"),
+        "popen": (subprocess.Popen, (["touch", str(marker)],), "subprocess.Popen"),
+    }[kind]
+    data = make_mmsa(ALIGNED, seed=7)
+    data["valid"]["annotations"] = _Payload(func, args)
+    path = _write(tmp_path / "aligned_50.pkl", data, protocol)
+    with pytest.raises(DataError) as e:
+        safe_load_pickle(path)
+    assert str(path) in str(e.value) and name in str(e.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_truncated_pickle_is_a_data_error(tmp_path, protocol):
+    blob = pickle.dumps(make_mmsa(ALIGNED, seed=8), protocol=protocol)
+    path = tmp_path / "cut.pkl"
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt pickle") as e:
+        safe_load_pickle(path)
+    assert str(path) in str(e.value)
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match="truncated or corrupt pickle"):
+        safe_load_pickle(path)
+
+
+def test_a_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="not found") as e:
+        safe_load_pickle(tmp_path / "nope.pkl")
+    assert str(tmp_path / "nope.pkl") in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# structural errors
+
+
+def _drop_valid_audio(d):
+    del d["valid"]["audio"]
+
+
+def _rank_2_test_vision(d):
+    d["test"]["vision"] = d["test"]["vision"][:, :, 0]
+
+
+def _short_train_labels(d):
+    d["train"]["regression_labels"] = d["train"]["regression_labels"][:-1]
+
+
+def _short_test_lengths(d):
+    d["test"]["audio_lengths"] = d["test"]["audio_lengths"][:2]
+
+
+def _empty_valid(d):
+    d["valid"] = {k: v[:0] for k, v in d["valid"].items()}
+
+
+def _drop_test(d):
+    del d["test"]
+
+
+def _two_label_columns(d):
+    d["train"]["regression_labels"] = np.stack([d["train"]["regression_labels"]] * 2, axis=1)
+
+
+def _other_audio_steps_in_valid(d):
+    d["valid"]["audio"] = d["valid"]["audio"][:, :5]
+
+
+def _text_bert_without_mask_row(d):
+    d["train"]["text_bert"] = d["train"]["text_bert"][:, :2]
+
+
+def _lengths_only_in_train(d):
+    del d["valid"]["vision_lengths"]
+
+
+@pytest.mark.parametrize(
+    "corrupt, expected",
+    [
+        (_drop_valid_audio, ["'valid'", "'audio'"]),
+        (_rank_2_test_vision, ["'test'", "'vision'", "rank 3", "(4, 11)"]),
+        (_short_train_labels, ["'train'", "regression_labels 6", "text 7"]),
+        (_short_test_lengths, ["'test'", "audio_lengths 2", "vision 4"]),
+        (_empty_valid, ["'valid'", "empty"]),
+        (_drop_test, ["split 'test'"]),
+        (_two_label_columns, ["'train'", "'regression_labels'", "(7, 2)"]),
+        (_other_audio_steps_in_valid, ["'valid'", "'audio'", "(5, 3)"]),
+        (_text_bert_without_mask_row, ["'train'", "'text_bert'", "(7, 2, 6)"]),
+        (_lengths_only_in_train, ["'valid'", "'vision'", "vision_lengths"]),
+    ],
+)
+def test_malformed_files_are_data_errors_naming_split_and_key(corrupt, expected):
+    data = make_mmsa(UNALIGNED, seed=9, lengths_keys=True)
+    corrupt(data)
+    with pytest.raises(DataError) as e:
+        from_mmsa(data, "unaligned_50.pkl")
+    message = str(e.value)
+    assert message.startswith("unaligned_50.pkl: ")
+    for part in expected:
+        assert part in message
+
+
+def test_a_top_level_that_is_not_a_dict_is_a_data_error():
+    with pytest.raises(DataError, match="dict of splits"):
+        from_mmsa([1, 2, 3], "x.pkl")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resolving the file
+
+
+def test_load_by_path_checks_the_digest_and_records_provenance(tmp_path):
+    path = _write(tmp_path / "aligned_50.pkl", make_mmsa(ALIGNED, seed=10))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    splits, info = load_mmsa(_mmsa_cfg(path=str(path), sha256=digest.upper(), dataset="mosei"))
+    assert info["source"] == "mmsa" and info["dataset"] == "mosei" and info["aligned"] is True
+    assert info["provenance"] == {"file": "aligned_50.pkl", "sha256": digest, "url": None}
+    assert sorted(splits) == ["test", "train", "valid"]
+    # without a digest to check, the file's own digest is still recorded
+    _, info = load_mmsa(_mmsa_cfg(path=str(path)))
+    assert info["provenance"]["sha256"] == digest
+
+
+def test_load_by_path_with_a_wrong_digest_is_refused(tmp_path):
+    path = _write(tmp_path / "aligned_50.pkl", make_mmsa(ALIGNED, seed=11))
+    wrong = "0" * 64
+    with pytest.raises(DataError, match="SHA-256 mismatch") as e:
+        load_mmsa(_mmsa_cfg(path=str(path), sha256=wrong))
+    message = str(e.value)
+    assert str(path) in message and wrong in message
+    assert hashlib.sha256(path.read_bytes()).hexdigest() in message
+
+
+def test_load_needs_a_digest_for_an_url_and_some_source_at_all(tmp_path):
+    with pytest.raises(DataError, match="data.sha256 must also be set"):
+        load_mmsa(_mmsa_cfg(url="http://127.0.0.1:9/aligned_50.pkl", sha256=None))
+    with pytest.raises(DataError, match="set data.path or data.url"):
+        load_mmsa(_mmsa_cfg(path=None, url=None))
+    with pytest.raises(DataError, match="not found") as e:
+        load_mmsa(_mmsa_cfg(path=str(tmp_path / "absent.pkl")))
+    assert str(tmp_path / "absent.pkl") in str(e.value)
+
+
+def test_prepare_downloads_by_url_and_verifies_the_published_digest(tmp_path):
+    from mdkat.data import load_prepared
+    from mdkat.data.download import DownloadError
+    from mdkat.data.prepare import prepare
+    from tests.loopback import FileServer
+
+    payload = pickle.dumps(make_mmsa(UNALIGNED, seed=12, lengths_keys=True))
+    digest = hashlib.sha256(payload).hexdigest()
+    with FileServer({"mosi/unaligned_50.pkl": payload}) as server:
+        url = server.url + "mosi/unaligned_50.pkl"
+        cfg = _mmsa_cfg(url=url, sha256=digest, cache_dir=str(tmp_path / "cache"), download_retries=0)
+        manifest = prepare(cfg, tmp_path / "out")
+        assert manifest["provenance"] == {"file": "unaligned_50.pkl", "sha256": digest, "url": url}
+        assert manifest["seq_len"] == UNALIGNED and manifest["aligned"] is False
+        assert len(load_prepared(tmp_path / "out").train) == SIZES["train"]
+
+        # a digest that does not belong to the file: refused, nothing kept, no output written
+        with pytest.raises(DownloadError, match="0{64}"):
+            prepare(
+                dataclasses.replace(cfg, sha256="0" * 64, cache_dir=str(tmp_path / "c2")), tmp_path / "o2"
+            )
+    assert not (tmp_path / "o2").exists()
+    assert not [p for p in (tmp_path / "c2").rglob("*") if p.is_file()]
