@@ -55,6 +55,8 @@ def test_real_source_failure_is_an_error_not_a_fallback(root, tmp_path):
 def test_console_script_help(root):
     result = subprocess.run(
         [sys.executable, "-c", "from mdkat.cli import main; main(['prepare', '--help'])"],
-        cwd=root, capture_output=True, text=True,
+        cwd=root,
+        capture_output=True,
+        text=True,
     )
     assert "--out" in result.stdout and "-S KEY=VALUE" in result.stdout

@@ -1,0 +1,165 @@
+"""The `cmu-sdk` source: raw CMU-MultimodalSDK computational sequences, word-aligned by us.
+
+The SDK's recipe, reproduced with our vectorised `align`: average audio and vision frames over each word
+(`align(words, collapse_functions=[mean])`), give words without frames zeros (`impute`), cut the word
+stream into the labelled segments (`align(labels)` + `hard_unify`), split by the SDK's standard folds,
+and keep the first `data.seq_len` words of each segment (zero padding after). Text features are the
+SDK's 300-d word vectors. NaN/inf (MOSEI's COVAREP has -inf rows, which the mean spreads) are zeroed
+afterwards by `write_prepared`, as MMSA's loader does.
+
+The CMU server is often down: every download failure says so and names the `mmsa` alternative. The
+files come from `data.csd_dir` when given (no network), else from `data.base_url` into `data.cache_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import numpy as np
+from tqdm import tqdm
+
+from mdkat import MODALITIES
+from mdkat.config import DataConfig
+from mdkat.data.align import align, video_of
+from mdkat.data.csd import read_csd
+from mdkat.data.prepared import SPLITS, DataError, SplitArrays
+from mdkat.io import sha256_file
+
+# relative to data.base_url (http://immortal.multicomp.cs.cmu.edu/)
+CSD_FILES = {
+    "mosi": {
+        "text": "CMU-MOSI/language/CMU_MOSI_TimestampedWordVectors.csd",
+        "audio": "CMU-MOSI/acoustic/CMU_MOSI_COVAREP.csd",
+        "vision": "CMU-MOSI/visual/CMU_MOSI_Visual_Facet_41.csd",
+        "labels": "CMU-MOSI/labels/CMU_MOSI_Opinion_Labels.csd",
+    },
+    "mosei": {
+        "text": "CMU-MOSEI/language/CMU_MOSEI_TimestampedWordVectors.csd",
+        "audio": "CMU-MOSEI/acoustic/CMU_MOSEI_COVAREP.csd",
+        "vision": "CMU-MOSEI/visual/CMU_MOSEI_VisualFacet42.csd",
+        "labels": "CMU-MOSEI/labels/CMU_MOSEI_Labels.csd",
+    },
+}
+# MOSI's customary feature subsets (5-d audio, 20-d vision), as in the MMSA pickles
+MOSI_COLUMNS = {
+    "audio": [1, 3, 6, 25, 60],
+    "vision": [0, 2, 5, 10, 11, 12, 14, 17, 20, 21, 22, 24, 25, 29, 30, 31, 32, 36, 37, 40],
+}
+SERVER_HINT = (
+    "The CMU server is often down. Alternatively use the field's preprocessed pickles: "
+    "-S data.source=mmsa -S data.path=PATH/TO/aligned_50.pkl (or data.url=... with data.sha256=<published "
+    "SHA-256>), or put the .csd files in a folder and set -S data.csd_dir=FOLDER."
+)
+
+
+def standard_folds(dataset: str) -> dict[str, str]:
+    """video id -> split ('train', 'valid', 'test') of the SDK's standard folds."""
+    folds = json.loads(resources.files("mdkat.data").joinpath("folds", f"{dataset}.json").read_text())[
+        "folds"
+    ]
+    return {video: split for split in SPLITS for video in folds[split]}
+
+
+def _locate(cfg: DataConfig) -> dict[str, dict[str, Any]]:
+    """name -> {"path", "sha256", "url"} of the four .csd files, local or downloaded."""
+    files = {}
+    if cfg.csd_dir is not None:
+        for name, rel in CSD_FILES[cfg.dataset].items():
+            path = Path(cfg.csd_dir) / Path(rel).name
+            if not path.is_file():
+                raise DataError(
+                    f"{path}: not found (data.csd_dir must hold the {cfg.dataset} file {Path(rel).name})"
+                )
+            files[name] = {"path": path, "sha256": sha256_file(path), "url": None}
+        return files
+
+    from mdkat.data.download import DownloadError, download
+
+    for name, rel in CSD_FILES[cfg.dataset].items():
+        url = urljoin(cfg.base_url if cfg.base_url.endswith("/") else cfg.base_url + "/", rel)
+        try:
+            got = download(
+                url,
+                Path(cfg.cache_dir) / cfg.dataset,
+                retries=cfg.download_retries,
+                timeout_s=cfg.download_timeout_s,
+            )
+        except DownloadError as e:
+            raise DataError(f"{e}\n{SERVER_HINT}") from None
+        files[name] = {"path": got.path, "sha256": got.sha256, "url": url}
+    return files
+
+
+def _pad(rows: list[np.ndarray], steps: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stack variable-length (n_i, d) sequences into (N, steps, d), keeping each one's first `steps` rows."""
+    out = np.zeros((len(rows), steps, dim), dtype=np.float32)  # (N, T, d)
+    lengths = np.array([min(len(r), steps) for r in rows], dtype=np.int64)
+    for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
+        out[i, :n] = r[:n]
+    return out, lengths
+
+
+def load_cmu_sdk(cfg: DataConfig) -> tuple[dict[str, SplitArrays], dict[str, Any]]:
+    """Read (or download), word-align and split the CMU SDK files of `cfg.dataset`."""
+    if cfg.seq_len < 1:
+        raise DataError(f"data.seq_len: expected a positive integer, got {cfg.seq_len}")
+    files = _locate(cfg)
+    sequences = {}
+    for name in tqdm([*MODALITIES, "labels"], desc=f"reading {cfg.dataset} .csd", unit="file"):
+        sequences[name] = read_csd(files[name]["path"])
+    if cfg.dataset == "mosi" and cfg.mosi_feature_subset:
+        for m, columns in MOSI_COLUMNS.items():
+            sequences[m] = {
+                video: (intervals, _columns(features, columns, files[m]["path"]))
+                for video, (intervals, features) in sequences[m].items()
+            }
+
+    words = align({m: sequences[m] for m in MODALITIES}, "text")
+    segments = align({**words, "labels": sequences["labels"]}, "labels", collapse=None, impute=False)
+
+    fold_of = standard_folds(cfg.dataset)
+    keys = {s: [] for s in SPLITS}
+    outside = 0
+    for key in segments["labels"]:
+        split = fold_of.get(video_of(key))
+        if split is None:
+            outside += 1
+        else:
+            keys[split].append(key)
+
+    splits = {}
+    for split in SPLITS:
+        if not keys[split]:
+            raise DataError(f"{files['labels']['path']}: no labelled segment of the standard '{split}' fold")
+        arrays: SplitArrays = {}
+        for m in MODALITIES:
+            dim = next(iter(segments[m].values()))[1].shape[1]
+            rows = [segments[m][k][1] for k in keys[split]]
+            arrays[m], arrays[f"{m}_len"] = _pad(rows, cfg.seq_len, dim)
+        # the sentiment score is the first label column (MOSEI adds six emotions after it)
+        arrays["label"] = np.array([segments["labels"][k][1][0, 0] for k in keys[split]], dtype=np.float32)
+        arrays["id"] = np.array(keys[split])
+        splits[split] = arrays
+
+    info = {
+        "source": "cmu-sdk",
+        "dataset": cfg.dataset,
+        "aligned": True,
+        "source_files": {name: {**f, "path": str(f["path"])} for name, f in files.items()},
+        "segments_outside_folds": outside,
+        "mosi_feature_subset": cfg.dataset == "mosi" and cfg.mosi_feature_subset,
+    }
+    return splits, info
+
+
+def _columns(features: np.ndarray, columns: list[int], path: Path) -> np.ndarray:
+    if features.ndim != 2 or features.shape[1] <= max(columns):
+        raise DataError(
+            f"{path}: MOSI feature subset needs at least {max(columns) + 1} columns, "
+            f"got shape {features.shape} (set -S data.mosi_feature_subset=false to keep all columns)"
+        )
+    return features[:, columns]
