@@ -333,3 +333,22 @@ def test_bad_arguments() -> None:
         align(bad, "words")
     with pytest.raises(ValueError, match="collapse"):
         align(seqs, "words", collapse="median")
+
+
+def test_outputs_are_read_only_mappings_over_flat_arrays() -> None:
+    out = align(_hand_case(), "words")
+    vision = out["vision"]
+    assert len(vision) == 4 and "a[0]" in vision and "c[0]" not in vision
+    assert dict(vision).keys() == {"a[0]", "b[0]", "a[1]", "b[1]"}
+    with pytest.raises(KeyError):
+        vision["a[7]"]
+    # every entry is a view of the flat arrays, in key order
+    rows = np.concatenate([ft for _, ft in vision.values()])
+    np.testing.assert_array_equal(rows, vision.features)
+    assert "4 entries of 2 videos" in repr(vision)
+    with pytest.raises(DataError, match="'audio': videos differ in feature width"):
+        bad = {
+            **_hand_case(),
+            "audio": {"a": _hand_case()["audio"]["a"], "b": (np.zeros((1, 2)), np.zeros((1, 3)))},
+        }
+        align(bad, "words")

@@ -16,12 +16,14 @@ kept row, so a `-inf` stays in its own window, as in the SDK, instead of spreadi
 Input and output are {sequence name: {entry key: (intervals (n, 2), features (n, d))}}. Entries keyed
 `video[i]` (the output of an earlier alignment) are grouped by the part before the first `[`, as the
 SDK does, and their rows concatenated; output entries are keyed `video[i]`, `i` indexing the video's
-reference rows sorted by start time. Reference rows not longer than `EPSILON` get no entry.
+reference rows sorted by start time. Reference rows not longer than `EPSILON` get no entry. Each output
+sequence is a `Segments`: a read-only mapping stored as flat arrays, which the next `align` reads
+without touching its entries one by one (a MOSEI word step has half a million of them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Literal
 
 import numpy as np
@@ -188,36 +190,137 @@ def _align_one(
     return has, None, iv, _mean(features, row, seg, bounds[1:] - seg)
 
 
+class Segments(Mapping[str, tuple[np.ndarray, np.ndarray]]):
+    """One sequence's aligned entries, stored flat: a read-only mapping `video[i]` -> (intervals, features).
+
+    Entry j holds rows `bounds[j]:bounds[j + 1]` of `intervals` (R, 2) and `features` (R, d). Keys are
+    made only when asked for, so the tens of thousands of word entries between the two alignment steps
+    cost no Python work per entry; `align` reads a `Segments` input straight from its arrays.
+    """
+
+    def __init__(
+        self,
+        videos: list[str],
+        key_video: np.ndarray,
+        key_index: np.ndarray,
+        bounds: np.ndarray,
+        intervals: np.ndarray,
+        features: np.ndarray,
+    ) -> None:
+        self.videos = videos  # video ids, in order of first appearance
+        self.key_video = key_video  # (K,) position in `videos` of each entry's video
+        self.key_index = key_index  # (K,) the i of `video[i]`
+        self.bounds = bounds  # (K + 1,) row offsets
+        self.intervals = intervals  # (R, 2)
+        self.features = features  # (R, d)
+        self._keys: list[str] | None = None
+        self._position: dict[str, int] | None = None
+
+    def keys_list(self) -> list[str]:
+        """The entry keys, in order."""
+        if self._keys is None:
+            names = self.videos
+            self._keys = [
+                f"{names[v]}[{i}]"
+                for v, i in zip(self.key_video.tolist(), self.key_index.tolist(), strict=True)
+            ]
+        return self._keys
+
+    def __getitem__(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        if self._position is None:
+            self._position = {k: j for j, k in enumerate(self.keys_list())}
+        j = self._position[key]
+        a, b = int(self.bounds[j]), int(self.bounds[j + 1])
+        return self.intervals[a:b], self.features[a:b]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_list())
+
+    def __len__(self) -> int:
+        return len(self.key_video)
+
+    def __repr__(self) -> str:
+        return (
+            f"Segments({len(self)} entries of {len(self.videos)} videos, features "
+            f"{self.features.shape} {self.features.dtype})"
+        )
+
+
+def _grouped_segments(segments: Segments) -> Entries:
+    """A `Segments` input grouped by video and sorted by start, from its arrays alone."""
+    counts = np.diff(segments.bounds)  # (K,)
+    row_video = np.repeat(segments.key_video, counts)  # (R,)
+    order = np.lexsort((segments.intervals[:, 0], row_video))  # stable: ties keep entry order
+    iv, ft = segments.intervals[order], segments.features[order]
+    edges = np.concatenate(([0], np.cumsum(np.bincount(row_video, minlength=len(segments.videos))))).tolist()
+    return {
+        video: (iv[a:b], ft[a:b])
+        for video, a, b in zip(segments.videos, edges[:-1], edges[1:], strict=True)
+        if b > a
+    }
+
+
+def _flatten(chunks: list[tuple], width: int, dtype: np.dtype, videos: list[str]) -> Segments:
+    """One `Segments` from chunks (video position, key indices, rows per key ...)."""
+    if not chunks:
+        return Segments(
+            videos,
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros(1, np.int64),
+            np.zeros((0, 2)),
+            np.zeros((0, width), dtype),
+        )
+    key_video = np.concatenate([np.full(len(c[1]), c[0], dtype=np.int64) for c in chunks])
+    counts = np.concatenate([c[2] for c in chunks])
+    bounds = np.concatenate(([0], np.cumsum(counts)))
+    intervals = np.concatenate([c[3] for c in chunks])
+    features = np.concatenate([c[4] for c in chunks]).astype(dtype, copy=False)
+    return Segments(videos, key_video, np.concatenate([c[1] for c in chunks]), bounds, intervals, features)
+
+
 def align(
     sequences: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
     reference: str,
     collapse: Literal["mean"] | None = "mean",
     impute: bool = True,
-) -> dict[str, Entries]:
+) -> dict[str, Segments]:
     """Align every sequence to the intervals of `reference` (SDK `align` + `impute` or `hard_unify`)."""
     if reference not in sequences:
         raise DataError(f"reference sequence '{reference}' is not among the sequences {list(sequences)}")
     if collapse not in ("mean", None):
         raise ValueError(f"collapse must be 'mean' or None, got {collapse!r}")
-    grouped = {name: _group(name, entries) for name, entries in sequences.items()}
-    if collapse == "mean":
-        for name, videos in grouped.items():
-            kinds = {ft.dtype for _, ft in videos.values() if ft.dtype.kind not in "fiub"}
+    grouped = {
+        name: _grouped_segments(e) if isinstance(e, Segments) else _group(name, e)
+        for name, e in sequences.items()
+    }
+    width, dtype = {}, {}
+    for name, videos in grouped.items():
+        features = [ft for _, ft in videos.values()]
+        if collapse == "mean":
+            kinds = {ft.dtype for ft in features if ft.dtype.kind not in "fiub"}
             if kinds:
                 raise DataError(
                     f"sequence '{name}': collapse='mean' needs numeric features, got {kinds.pop()}; "
                     "align it with collapse=None, or leave it out"
                 )
+        widths = sorted({ft.shape[1] for ft in features})
+        if len(widths) > 1:
+            raise DataError(f"sequence '{name}': videos differ in feature width {widths}")
+        first = features[0] if features else np.zeros((0, 0), np.float64)
+        width[name] = first.shape[1]
+        mean_float = collapse == "mean" and first.dtype.kind != "f"
+        dtype[name] = np.dtype(np.float64) if mean_float else first.dtype
+
     videos = [v for v in grouped[reference] if all(v in g for g in grouped.values())]
-    out: dict[str, Entries] = {name: {} for name in sequences}
-    imputed: dict[str, Entries] = {name: {} for name in sequences}
-    for video in videos:
+    kept: dict[str, list[tuple]] = {name: [] for name in sequences}
+    imputed: dict[str, list[tuple]] = {name: [] for name in sequences}
+    for position, video in enumerate(videos):
         ref_iv = grouped[reference][video][0]
         index = np.flatnonzero(ref_iv[:, 1] - ref_iv[:, 0] > EPSILON)  # (m,) reference rows that get a key
         if len(index) == 0:
             continue
         windows = ref_iv[index]  # (m, 2)
-        keys = [f"{video}[{i}]" for i in index.tolist()]
         results = {name: _align_one(windows, *grouped[name][video], collapse) for name in sequences}
         wanted = np.ones(len(index), dtype=bool)
         if not impute:
@@ -225,24 +328,23 @@ def align(
             for has, *_ in results.values():
                 wanted &= has
         for name, (has, bounds, iv, ft) in results.items():
-            chosen = np.flatnonzero(has & wanted)  # windows that get an entry
-            position = (np.cumsum(has) - 1)[chosen]  # where their rows sit in the outputs
-            chosen_keys = [keys[j] for j in chosen.tolist()]
-            if bounds is None:
-                if len(position) != len(iv):
-                    iv, ft = iv[position], ft[position]
-                # Iterating a (k, 1, d) array yields the (1, d) entries as views, without Python slicing.
-                pairs = zip(iv[:, None], ft[:, None], strict=True)
+            chosen = has & wanted  # (m,) windows that get rows of their own
+            if bounds is None:  # one row per non-empty window
+                rows = chosen[has]
+                counts = np.ones(int(rows.sum()), dtype=np.int64)
             else:
-                first, last = bounds[position].tolist(), bounds[position + 1].tolist()
-                pairs = ((iv[a:b], ft[a:b]) for a, b in zip(first, last, strict=True))
-            out[name].update(zip(chosen_keys, pairs, strict=True))
-            if impute:
-                missing = np.flatnonzero(~has)
-                if len(missing):
-                    zeros = np.zeros((1, ft.shape[1]), dtype=ft.dtype)
-                    for j in missing.tolist():
-                        imputed[name][keys[j]] = (windows[j : j + 1].copy(), zeros.copy())
-    for name in sequences:
-        out[name].update(imputed[name])
-    return out
+                rows = np.repeat(chosen[has], np.diff(bounds))
+                counts = np.diff(bounds)[chosen[has]]
+            if not rows.all():
+                iv, ft = iv[rows], ft[rows]
+            kept[name].append((position, index[chosen], counts, iv, ft))
+            if impute and not has.all():
+                missing = ~has
+                zeros = np.zeros((int(missing.sum()), width[name]), dtype=dtype[name])
+                imputed[name].append(
+                    (position, index[missing], np.ones(len(zeros), dtype=np.int64), windows[missing], zeros)
+                )
+    # Imputed entries come after all others, as the SDK's impute adds them.
+    return {
+        name: _flatten(kept[name] + imputed[name], width[name], dtype[name], videos) for name in sequences
+    }
