@@ -98,11 +98,18 @@ def _missing(path: Path, data: h5py.Group, video: str, name: str) -> DataError:
     return DataError(f"{path}: video '{video}': dataset '{name}' is missing")
 
 
-def _read_dataset(data: h5py.Group, raw: BinaryIO, video: str, name: str) -> np.ndarray:
+def _read_dataset(
+    data: h5py.Group, raw: BinaryIO, video: str, name: str, types: dict[str, tuple[Any, np.dtype]]
+) -> np.ndarray:
     # The low-level API: h5py's high-level objects cost several times the read itself for the small
     # per-video datasets of a .csd file, and a file holds thousands of them.
     dataset = h5py.h5d.open(data.id, f"{video}/{name}".encode())
-    out = np.empty(dataset.shape, dtype=dataset.dtype)
+    # Translating an HDF5 type to a numpy dtype costs more than comparing it with the previous video's.
+    tid = dataset.get_type()
+    known = types.get(name)
+    if known is None or tid != known[0]:
+        known = types[name] = (tid, tid.dtype)
+    out = np.empty(dataset.shape, dtype=known[1])
     # Contiguous numeric data (the SDK's layout) is stored as plain bytes in the dataset's own byte order
     # (which `dataset.dtype` reports); one read of them skips H5Dread's set-up, which costs more than the
     # copy itself here. Chunked, compact, external or unwritten data has no offset and takes H5Dread.
@@ -124,11 +131,12 @@ def read_csd(path: str | Path) -> Sequence:
         data = root.get("data")
         if not isinstance(data, h5py.Group):
             raise DataError(f"{path}: group '{root.name}/data' is missing")
+        types: dict[str, tuple[Any, np.dtype]] = {}
         for video in data.keys():
             arrays = []
             for name in ("intervals", "features"):
                 try:
-                    arrays.append(_read_dataset(data, raw, video, name))
+                    arrays.append(_read_dataset(data, raw, video, name, types))
                 except KeyError:
                     raise _missing(path, data, video, name) from None
             intervals = np.asarray(arrays[0], dtype=np.float64)
