@@ -79,10 +79,54 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ModalityFloats:
+    """One number per named modality (dropout rates)."""
+
+    text: float
+    audio: float
+    vision: float
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network (`mdkat.models`): sizes, module switches for ablations, module hyper-parameters."""
+
+    name: str  # a key of mdkat.models.REGISTRY
+    width: int
+    heads: int
+    layers: int
+    conv_kernel: PerModality
+    input_dropout: ModalityFloats
+    dropout: float
+    amsa_threshold: float
+    ka_temperature: float
+    kt_temperature: float
+    kt_momentum: float
+    use_cff: bool
+    use_amsa: bool
+    use_ka: bool
+    use_kt: bool
+    use_decoupling: bool
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms next to the task L1 (weight 1): what Optuna tunes."""
+
+    unimodal: float
+    rec: float
+    orth: float
+    ka: float
+    kt: float
+
+
+@dataclass(frozen=True)
 class Params:
     """Everything in `params.yaml`."""
 
     data: DataConfig
+    model: ModelConfig
+    loss: LossConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,11 +168,24 @@ def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str
         _set_dotted(raw, key, value, f"{path} (override -S {item})")
         by_key[key] = item
     try:
-        return from_mapping(Params, raw, str(path))
+        params = from_mapping(Params, raw, str(path))
+        _check_choices(params, str(path))
     except ConfigError as e:
         if e.key in by_key:
             raise ConfigError(f"{e} (set by -S {by_key[e.key]})", e.key) from None
         raise
+    return params
+
+
+def _check_choices(params: Params, file: str) -> None:
+    # Choices that a registry defines are checked against the registry itself, never a copy of its keys.
+    from mdkat.models import REGISTRY
+
+    if params.model.name not in REGISTRY:
+        raise ConfigError(
+            f"{file}: 'model.name' expected one of {sorted(REGISTRY)}, got {params.model.name!r}",
+            "model.name",
+        )
 
 
 def parse_override(item: str) -> tuple[str, Any]:

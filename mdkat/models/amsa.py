@@ -1,0 +1,47 @@
+"""AMSA: Adaptive Masked Self-Attention, which refines the modality-specific features.
+
+The abstract names AMSA a module "for feature refinement"; the name says the rest: self-attention whose
+mask is adaptive. We learn an importance score a_t = sigmoid(w . h_t) per time step and use it twice:
+- as an additive key bias log a_t (soft, differentiable: a low score lowers a step's attention weight);
+- as a hard key mask for steps below `threshold` times the sample's highest score, and for padded steps,
+  which therefore get exactly zero attention. Relative to the sample's maximum, so at least one step is
+  always kept and the mask does not depend on how much padding follows.
+The refined sequence is pooled with the importance scores as weights over the kept steps. Distractor
+frames (sentiment-looking steps that carry no label information) are what this is meant to silence.
+Without AMSA (`model.use_amsa: false`) the specific sequence is mean-pooled over valid steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mdkat.models.encoders import SelfAttentionLayer
+
+
+class AdaptiveMaskedSelfAttention(nn.Module):
+    """(B, T, d), mask (B, T) -> refined (B, T, d), pooled (B, d), importance (B, T)."""
+
+    def __init__(self, width: int, heads: int, dropout: float, threshold: float):
+        super().__init__()
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"model.amsa_threshold must lie in [0, 1), got {threshold}")
+        self.threshold = threshold
+        self.score = nn.Linear(width, 1)
+        self.layer = SelfAttentionLayer(width, heads, dropout)
+        self.norm = nn.LayerNorm(width)
+
+    def key_bias(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Importance (B, T) (0 on padding) and the additive key bias (B, T) (-inf on masked keys)."""
+        importance = torch.sigmoid(self.score(x).squeeze(-1)) * mask  # (B, T)
+        top = importance.amax(dim=1, keepdim=True)  # (B, 1)
+        kept = mask & (importance >= self.threshold * top)  # (B, T)
+        bias = torch.log(importance.clamp_min(1e-6)).masked_fill(~kept, float("-inf"))
+        return importance * kept, bias
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        importance, bias = self.key_bias(x, mask)
+        refined = self.norm(self.layer(x, bias[:, None, None, :]))  # (B, T, d)
+        weight = importance.sum(1, keepdim=True).clamp_min(1e-6)  # sigmoid can underflow to 0
+        pooled = (refined * importance.unsqueeze(-1)).sum(1) / weight  # (B, d)
+        return refined, pooled, importance

@@ -1,0 +1,143 @@
+"""Projection and self-attention encoders shared by every model, and the masking helpers they rely on.
+
+Projection (as DMD): input dropout, a temporal Conv1d from d_m to the model width, sinusoidal positions.
+Encoders are pre-LayerNorm transformer layers on `scaled_dot_product_attention`. Padding is handled by
+masks everywhere, never by the values in the padded steps: inputs are zeroed after each sample's length
+before the convolution, padded keys get no attention, and pooling only averages valid steps, so appending
+padded steps to a sample does not change its outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def valid_mask(lengths: Tensor, steps: int) -> Tensor:
+    """(B, T) bool, True on the first `lengths[b]` steps of each sample."""
+    return torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the valid steps: x (B, T, d), mask (B, T) -> (B, d)."""
+    w = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def key_mask(mask: Tensor) -> Tensor:
+    """A (B, T) key mask as SDPA's broadcastable attention mask (B, 1, 1, T)."""
+    return mask[:, None, None, :]
+
+
+@functools.lru_cache(maxsize=32)
+def _positions(steps: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    position = torch.arange(steps, dtype=torch.float64)[:, None]  # (T, 1)
+    freq = torch.exp(torch.arange(0, width, 2, dtype=torch.float64) * (-math.log(10000.0) / width))
+    table = torch.zeros(steps, width, dtype=torch.float64)  # (T, d)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq[: width // 2])
+    return table.to(device=device, dtype=dtype)
+
+
+def sinusoidal_positions(steps: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The (T, d) sinusoidal position table of "Attention is all you need" (computed once per shape)."""
+    return _positions(steps, width, device, dtype)
+
+
+class Projection(nn.Module):
+    """Dropout, temporal Conv1d d_m -> d, sinusoidal positions: (B, T, d_m) -> (B, T, d)."""
+
+    def __init__(self, d_in: int, width: int, kernel: int, dropout: float):
+        super().__init__()
+        if kernel % 2 == 0:
+            raise ValueError(f"conv kernel must be odd so that step t stays centred on t, got {kernel}")
+        self.dropout = nn.Dropout(dropout)
+        self.conv = nn.Conv1d(d_in, width, kernel, padding=kernel // 2, bias=False)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = self.dropout(x) * mask.unsqueeze(-1).to(x.dtype)  # padded steps are zero, whatever the input held
+        h = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, d)
+        return h + sinusoidal_positions(h.shape[1], h.shape[2], h.device, h.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x over keys/values y (y = x for self-attention).
+
+    No dropout on the attention probabilities (dropout acts on the residual and feed-forward branches):
+    on CPU its Bernoulli masks over B x heads x T x T values cost a third of a training step, and it
+    forces SDPA off its fused kernel.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, y: Tensor, attn_mask: Tensor) -> Tensor:
+        """x (B, Tq, d), y (B, Tk, d), attn_mask bool or additive, broadcastable to (B, h, Tq, Tk)."""
+        b, tq, d = x.shape
+        q = self.q(x).view(b, tq, self.heads, d // self.heads).transpose(1, 2)  # (B, h, Tq, d/h)
+        k, v = self.kv(y).view(b, y.shape[1], 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, Tq, d/h)
+        return self.out(a.transpose(1, 2).reshape(b, tq, d))
+
+
+class FeedForward(nn.Sequential):
+    """Position-wise MLP with a 4x hidden layer."""
+
+    def __init__(self, width: int, dropout: float):
+        super().__init__(
+            nn.Linear(width, 4 * width),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(4 * width, width),
+            nn.Dropout(dropout),
+        )
+
+
+class SelfAttentionLayer(nn.Module):
+    """Pre-LayerNorm transformer layer: x + Attn(LN x), then x + FFN(LN x)."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ffn = FeedForward(width, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.drop(self.attn(h, h, attn_mask))
+        return x + self.ffn(self.norm2(x))
+
+
+class Encoder(nn.Module):
+    """A stack of self-attention layers over valid steps: (B, T, d), mask (B, T) -> (B, T, d)."""
+
+    def __init__(self, width: int, heads: int, layers: int, dropout: float):
+        super().__init__()
+        self.layers = nn.ModuleList(SelfAttentionLayer(width, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        attn_mask = key_mask(mask)
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        return self.norm(x)
+
+
+def encode_all(encoder: Encoder, x: dict[str, Tensor], mask: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Run one encoder on every modality; one batched call when all have the same number of steps."""
+    names = list(x)
+    if len({x[m].shape[1] for m in names}) == 1:
+        h = encoder(torch.cat([x[m] for m in names]), torch.cat([mask[m] for m in names]))  # (M*B, T, d)
+        return dict(zip(names, h.chunk(len(names)), strict=True))
+    return {m: encoder(x[m], mask[m]) for m in names}
