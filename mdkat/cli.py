@@ -41,6 +41,41 @@ def _prepare(args: argparse.Namespace, params: Params) -> str:
     return summary
 
 
+def _train(args: argparse.Namespace, params: Params) -> str:
+    from mdkat.runs import train_run
+
+    result = train_run(params, args.data, args.out, best=args.best, resume=args.resume)
+    valid = result["valid"]
+    return (
+        f"best epoch {result['best_epoch']}: valid MAE {valid['mae']:.4f}, "
+        f"Non0 Acc-2 {valid['acc2_non0']:.4f} in {result['seconds']:.0f} s; MLflow run {result['run_id']}"
+    )
+
+
+def _evaluate(args: argparse.Namespace, params: Params) -> str:
+    from mdkat.runs import evaluate_run
+
+    test = evaluate_run(params, args.data, args.model, args.metrics, args.plots)["test"]
+    return (
+        f"test MAE {test['mae']:.4f}, Corr {test['corr']:.4f}, Non0 Acc-2 {test['acc2_non0']:.4f} "
+        f"-> {args.metrics}"
+    )
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--out", required=True, help="output directory (model.pt, history.csv, ...)")
+    p.add_argument("--best", help="YAML of tuned values (written by the tune stage); -S still wins")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--model", required=True, help="model.pt written by the train stage")
+    p.add_argument("--metrics", required=True, help="metrics JSON to write")
+    p.add_argument("--plots", required=True, help="directory for predictions.csv and figures")
+
+
 # stage name -> (help, argument adder, runner); the console script and stages/*.py share it
 STAGES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., str]]] = {
     "prepare": (
@@ -48,6 +83,8 @@ STAGES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable
         lambda p: p.add_argument("--out", required=True, help="output directory"),
         _prepare,
     ),
+    "train": ("train a model on the prepared train split, selecting on valid", _train_arguments, _train),
+    "evaluate": ("evaluate a trained model on the test split", _evaluate_arguments, _evaluate),
 }
 
 
@@ -67,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        params = load_params(args.params, args.overrides)
+        params = load_params(args.params, args.overrides, best=getattr(args, "best", None))
         summary = STAGES[args.stage][2](args, params)
     except MdkatError as e:
         print(f"mdkat {args.stage}: error: {e}", file=sys.stderr)

@@ -121,12 +121,39 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """The training loop (`mdkat.training.fit`)."""
+
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    lr_patience: int
+    lr_factor: float
+    patience: int
+    select_on: str  # a key of mdkat.metrics.regression_metrics
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """Where runs are recorded (the tracking URI comes from MLFLOW_TRACKING_URI, see mdkat.tracking)."""
+
+    experiment: str
+
+
+@dataclass(frozen=True)
 class Params:
     """Everything in `params.yaml`."""
 
     data: DataConfig
     model: ModelConfig
     loss: LossConfig
+    train: TrainConfig
+    mlflow: MlflowConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,44 +175,70 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str] = ()) -> Params:
-    """Read `path`, apply `-S key=value` overrides, and validate the result into `Params`."""
-    path = Path(path)
+def _read_yaml(path: Path, what: str) -> Any:
     try:
-        raw = _yaml(path.read_text())
+        return _yaml(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: parameter file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def read_best(path: str | Path) -> dict[str, Any]:
+    """The tuned values of a `--best` file: `{params: {dotted.key: value}, metric, value, trial, ...}`."""
+    path = Path(path)
+    best = _read_yaml(path, "file of tuned values")
+    if not isinstance(best, dict) or not isinstance(best.get("params"), dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'params' mapping of dotted keys to values")
+    for key in best["params"]:
+        _check_key_exists(Params, str(key), f"{path} (params)")
+    return best
+
+
+def load_params(
+    path: str | Path = "params.yaml", overrides: typing.Sequence[str] = (), best: str | Path | None = None
+) -> Params:
+    """Read `path`, apply the tuned values of `best`, then `-S key=value` overrides; validate into `Params`.
+
+    Precedence, lowest first: the parameter file, the `best` file, the overrides.
+    """
+    path = Path(path)
+    raw = _read_yaml(path, "parameter file")
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}"
         )
     by_key = {}
+    if best is not None:
+        for key, value in read_best(best)["params"].items():
+            _set_dotted(raw, key, value, f"{best} (params)")
+            by_key[key] = f"{key}={value!r} from {best}"
     for item in overrides:
         key, value = parse_override(item)
         _check_key_exists(Params, key, f"override -S {item}")
         _set_dotted(raw, key, value, f"{path} (override -S {item})")
-        by_key[key] = item
+        by_key[key] = f"-S {item}"
     try:
         params = from_mapping(Params, raw, str(path))
         _check_choices(params, str(path))
     except ConfigError as e:
         if e.key in by_key:
-            raise ConfigError(f"{e} (set by -S {by_key[e.key]})", e.key) from None
+            raise ConfigError(f"{e} (set by {by_key[e.key]})", e.key) from None
         raise
     return params
 
 
 def _check_choices(params: Params, file: str) -> None:
     # Choices that a registry defines are checked against the registry itself, never a copy of its keys.
+    from mdkat.metrics import METRIC_NAMES
     from mdkat.models import REGISTRY
 
-    if params.model.name not in REGISTRY:
-        raise ConfigError(
-            f"{file}: 'model.name' expected one of {sorted(REGISTRY)}, got {params.model.name!r}",
-            "model.name",
-        )
+    for key, value, choices in (
+        ("model.name", params.model.name, sorted(REGISTRY)),
+        ("train.select_on", params.train.select_on, list(METRIC_NAMES)),
+    ):
+        if value not in choices:
+            raise ConfigError(f"{file}: '{key}' expected one of {choices}, got {value!r}", key)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -48,9 +48,13 @@ class Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def select(self, index: torch.Tensor) -> Batch:
-        """The samples at `index` (a 1-D index tensor on the batch's device), in that order."""
+        """The samples at `index` (a 1-D CPU index tensor), in that order, on the batch's device.
+
+        The index stays on the CPU so that picking the ids never waits for the GPU.
+        """
         ids = [self.id[i] for i in index.tolist()]
-        return dataclasses.replace(self._map(lambda t: t.index_select(0, index)), id=ids)
+        on_device = index.to(self.label.device, non_blocking=True)
+        return dataclasses.replace(self._map(lambda t: t.index_select(0, on_device)), id=ids)
 
     def _map(self, fn) -> Batch:
         tensors = {f: fn(getattr(self, f)) for f in (*MODALITIES, *(f"{m}_len" for m in MODALITIES), "label")}

@@ -1,0 +1,126 @@
+"""The `train` and `evaluate` stages as tracked runs: training, evaluation and their MLflow record.
+
+`train_run` creates one MLflow run (or, with `resume`, continues the run recorded in `mlflow_run.json`),
+logs parameters, provenance tags and per-epoch values while `fit` trains, then the final validation
+metrics and the artifacts, and registers the checkpoint as a pyfunc model. `evaluate_run` logs the test
+metrics, predictions and figures into the same run. A failure marks the run FAILED (KILLED on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mdkat.config import Params, read_best, to_flat_dict
+from mdkat.data import load_prepared
+from mdkat.evaluation import evaluate
+from mdkat.io import atomic_open, write_json
+from mdkat.plots import learning_curves
+from mdkat.tracking import Tracker, flat_params, redact, run_tags
+from mdkat.training import fit
+
+RUN_RECORD = "mlflow_run.json"
+
+
+def _resolved_yaml(params: Params) -> str:
+    nested: dict[str, Any] = {}
+    for key, value in to_flat_dict(params).items():
+        node = nested
+        *sections, leaf = key.split(".")
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = redact(value)
+    return yaml.safe_dump(nested, sort_keys=False)
+
+
+def train_run(
+    params: Params,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    best: str | Path | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train with tracking; write model.pt, history.csv, valid_metrics.json and mlflow_run.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_prepared(data_dir, splits=("train", "valid"))
+    record = out_dir / RUN_RECORD
+    if resume and record.exists():
+        tracker = Tracker.attach(record)
+    else:
+        tags = run_tags(data.manifest, data.manifest_sha256)
+        if best is not None:
+            tuned = read_best(best)
+            tags.update(
+                {
+                    "tuned.file": str(best),
+                    "tuned.study": str(tuned.get("study_name")),
+                    "tuned.trial": str(tuned.get("trial")),
+                }
+            )
+        tracker = Tracker.start(params.mlflow.experiment, params.model.name, flat_params(params), tags)
+        write_json(record, tracker.record())
+
+    def log_epoch(epoch: int, row: dict[str, float]) -> None:
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+
+    try:
+        result = fit(params, data, out_dir, resume=resume, on_epoch=log_epoch)
+        valid = {**result.best_valid, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
+        write_json(out_dir / "valid_metrics.json", valid)
+        learning_curves(result.history, out_dir / "learning_curves.png", params.train.select_on)
+        tracker.log_metrics(result.best_valid, prefix="best_valid_")
+        tracker.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.seconds})
+        with atomic_open(out_dir / "params.resolved.yaml") as f:
+            f.write(_resolved_yaml(params).encode())
+        manifest_copy = out_dir / "data_manifest.json"
+        shutil.copyfile(Path(data_dir) / "manifest.json", manifest_copy)
+        tracker.log_artifacts(
+            [
+                out_dir / n
+                for n in (
+                    "model.pt",
+                    "history.csv",
+                    "valid_metrics.json",
+                    "learning_curves.png",
+                    "params.resolved.yaml",
+                )
+            ]
+            + [manifest_copy]
+        )
+        from mdkat.serving import log_model
+
+        log_model(tracker.uri, tracker.run_id, out_dir / "model.pt")
+    except BaseException as e:
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.finish()
+    return {
+        "run_id": tracker.run_id,
+        "best_epoch": result.best_epoch,
+        "valid": result.best_valid,
+        "seconds": result.seconds,
+    }
+
+
+def evaluate_run(
+    params: Params,
+    data_dir: str | Path,
+    model_file: str | Path,
+    metrics_file: str | Path,
+    plots_dir: str | Path,
+) -> dict[str, Any]:
+    """Evaluate on the test split and log it into the training run recorded next to `model_file`."""
+    record = Path(model_file).parent / RUN_RECORD
+    tracker = Tracker.attach(record) if record.exists() else None
+    result = evaluate(params, data_dir, model_file, metrics_file, plots_dir)
+    if tracker is not None:
+        tracker.log_metrics(result.report["test"], prefix="test_")
+        if "fraction_of_oracle" in result.report:
+            tracker.log_metrics(result.report["fraction_of_oracle"], prefix="test_fraction_of_oracle_")
+        tracker.log_artifacts(result.files, "evaluation")
+    return {"test": result.report["test"], "run_id": tracker.run_id if tracker else None}

@@ -1,0 +1,207 @@
+"""MLflow tracking: where runs go, what they are tagged with, and how they are written.
+
+The tracking URI comes from `MLFLOW_TRACKING_URI`, else `sqlite:///<project root>/mlflow.db` (the file
+store is deprecated). The project root is the repository root, also when DVC runs a queued experiment in
+a temporary copy under `.dvc/tmp/exps/` (a relative store there would be deleted with the copy); the
+experiment is created with its artifact location at `<project root>/mlruns` for the same reason. An HTTP
+tracking server is asked for `/health` with a short timeout first: the client's own retries take minutes.
+
+Runs are written through `MlflowClient` with explicit run ids (no global active run), so a training run,
+its evaluation in another process, and the nested trial runs of a study never step on each other.
+Secrets never leave this module: passwords in URLs are replaced by `***` before anything is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mdkat.config import Params, to_flat_dict
+from mdkat.errors import MdkatError
+
+_PASSWORD_IN_URL = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]*)@"
+)
+_DVC_TEMP = re.compile(r"^(?P<root>.*?)/\.dvc/tmp/exps/")
+
+
+def redact(value: Any) -> Any:
+    """The value with any password in a URL (`scheme://user:password@host`) replaced by `***`."""
+    if isinstance(value, str):
+        return _PASSWORD_IN_URL.sub(r"\g<scheme>\g<user>:***@", value)
+    return value
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The repository root: the folder holding `dvc.yaml` (the original one, not a DVC temp copy)."""
+    path = Path(start or os.getcwd()).resolve()
+    match = _DVC_TEMP.match(path.as_posix() + "/")
+    if match:
+        return Path(match.group("root"))
+    for folder in (path, *path.parents):
+        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
+            return folder
+    return path
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI`, else the project's `sqlite:///.../mlflow.db` (absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer `/health`."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except urllib.error.HTTPError as e:
+        problem = f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        problem = str(getattr(e, "reason", e))
+    raise MdkatError(
+        f"MLflow tracking server {redact(uri)} is not reachable ({problem}); start it, or unset "
+        "MLFLOW_TRACKING_URI to record runs in the local sqlite store"
+    )
+
+
+def _git(*args: str) -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10, cwd=project_root()
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def run_tags(manifest: Mapping[str, Any] | None = None, manifest_sha256: str | None = None) -> dict[str, str]:
+    """Provenance tags: git commit and dirty flag, DVC stage / experiment, the data's identity."""
+    tags = {"git.commit": _git("rev-parse", "HEAD") or "unknown"}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    tags["git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
+    for variable in ("DVC_STAGE", "DVC_EXP_NAME"):
+        if os.environ.get(variable):
+            tags[variable.lower().replace("_", ".")] = os.environ[variable]
+    if manifest is not None:
+        tags["data.source"] = str(manifest.get("source"))
+        tags["data.dataset"] = str(manifest.get("dataset"))
+    if manifest_sha256:
+        tags["data.manifest_sha256"] = manifest_sha256
+    return tags
+
+
+def flat_params(params: Params) -> dict[str, str]:
+    """Every parameter as `section.key` -> string, secrets redacted (MLflow params are strings)."""
+    return {key: str(redact(value)) for key, value in to_flat_dict(params).items()}
+
+
+@dataclass
+class Tracker:
+    """One MLflow run, written by run id."""
+
+    uri: str
+    run_id: str
+    experiment_id: str
+
+    @classmethod
+    def start(
+        cls,
+        experiment: str,
+        run_name: str,
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+        parent: str | None = None,
+    ) -> Tracker:
+        """Create a run (nested under `parent` if given) in `experiment`, with params and tags."""
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri()
+        check_reachable(uri)
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            location = (project_root() / "mlruns").as_uri()
+            experiment_id = client.create_experiment(experiment, artifact_location=location)
+        else:
+            experiment_id = found.experiment_id
+        all_tags = dict(tags)
+        if parent is not None:
+            all_tags["mlflow.parentRunId"] = parent
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        tracker = cls(uri, run.info.run_id, experiment_id)
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            client.log_batch(tracker.run_id, params=items[start : start + 100], synchronous=True)
+        return tracker
+
+    @classmethod
+    def attach(cls, record: str | Path) -> Tracker:
+        """The run recorded in an `mlflow_run.json` (to log evaluation into the training run)."""
+        try:
+            info = json.loads(Path(record).read_text())
+        except FileNotFoundError:
+            raise MdkatError(
+                f"{record}: not found; it is written by the train stage next to model.pt"
+            ) from None
+        uri = tracking_uri()
+        check_reachable(uri)
+        return cls(uri, info["run_id"], info["experiment_id"])
+
+    @property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, prefix: str = "") -> None:
+        """Log numeric values (NaN included) at `step`."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(f"{prefix}{k}", float(v), now, step or 0) for k, v in metrics.items() if v is not None
+        ]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000], synchronous=True)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Add or overwrite tags."""
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+        """Upload files (or folders) into the run's artifacts."""
+        client = self.client
+        for path in paths:
+            path = Path(path)
+            if path.is_dir():
+                client.log_artifacts(self.run_id, str(path), artifact_path)
+            elif path.exists():
+                client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store `text` as an artifact file."""
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status)
+
+    def record(self) -> dict[str, str]:
+        """What `mlflow_run.json` holds (the URI redacted)."""
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": redact(self.uri)}

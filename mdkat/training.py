@@ -1,0 +1,301 @@
+"""The one training loop, for every model of the registry.
+
+AdamW; the learning rate is reduced when the validation loss stops falling; gradients are clipped;
+training stops early when the validation metric `train.select_on` has not improved for `train.patience`
+epochs, and the weights of the best epoch are kept. The test split is never read here.
+
+The whole split lives on the device (CUDA: moved once, batches indexed there, bf16 autocast; CPU: the
+preloaded tensors), so there is no DataLoader. Shuffling draws from a dedicated generator; its state,
+the global RNG states, the optimizer, the scheduler and the early-stopping state are checkpointed
+atomically after every epoch, so that `resume=True` continues an interrupted run to the same result as
+an uninterrupted one. Checkpoints hold only tensors and plain containers (`torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mdkat.config import LossConfig, ModelConfig, Params, from_mapping
+from mdkat.data import Batch, Prepared
+from mdkat.errors import MdkatError
+from mdkat.io import atomic_open
+from mdkat.metrics import regression_metrics
+from mdkat.models import build
+
+CHECKPOINT = "checkpoint.pt"
+LOWER_IS_BETTER = {"mae"}
+
+
+def resolve_device(choice: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; `cuda` without a GPU is an error, not a silent fallback."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise MdkatError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def _autocast(device: torch.device):
+    # bf16 on the GPU: no loss scaling needed, and the attention kernels run on tensor cores.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Batch, batch_size: int) -> np.ndarray:
+    """Predictions (N,) of `model` in eval mode, in the order of `data`."""
+    model.eval()
+    device = next(model.parameters()).device
+    preds = []
+    for start in range(0, len(data), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(data)))
+        with _autocast(device):
+            preds.append(model(data.select(index)).pred.float())
+    return torch.cat(preds).cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, data: Batch, batch_size: int, weights: LossConfig) -> float:
+    """Sample-weighted mean of the total loss over `data` (eval mode)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    for start in range(0, len(data), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(data)))
+        batch = data.select(index)
+        with _autocast(device):
+            loss, _ = model.loss(model(batch), batch, weights)
+        total += loss.float() * len(index)
+    return total.item() / len(data)
+
+
+def is_better(metric: str, value: float, best: float | None) -> bool:
+    """Whether `value` of `metric` improves on `best` (NaN never does)."""
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+@dataclass
+class FitResult:
+    """What a finished fit produced."""
+
+    model: nn.Module  # with the best epoch's weights, on the training device
+    best_epoch: int
+    best_valid: dict[str, float]
+    history: list[dict[str, float]]
+    stopped_early: bool
+    seconds: float
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["shuffle"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_open(path) as f:
+        torch.save(payload, f)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint or model file, loaded safely (tensors and plain containers only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MdkatError(f"{path}: not found") from None
+    except Exception as e:  # a truncated or foreign file: say which
+        raise MdkatError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def model_from_file(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild a model from a `model.pt` written by `fit` (its own config and input dims travel with it)."""
+    payload = load_checkpoint(path)
+    cfg = from_mapping(ModelConfig, payload["model_config"], str(path), "model_config.")
+    model = build(cfg, payload["dims"])
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval()
+
+
+def fit(
+    params: Params,
+    data: Prepared,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    on_epoch: EpochCallback | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train `params.model` on `data.train`, select on `data.valid`; write `model.pt` and `history.csv`.
+
+    `on_epoch(epoch, row)` is called after every epoch with that epoch's history row (`lr`, `train_<term>`,
+    `valid_loss`, `valid_<metric>`, `seconds`): a tracker logs it, a tuner may raise from it to prune.
+    `stop_after` ends the run after that epoch as an interruption would (for tests).
+    """
+    cfg = params.train
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    dims = data.manifest["dims"]
+    model = build(params.model, dims).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience
+    )
+    train, valid = data.train.to(device), data.valid.to(device)
+
+    state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": [], "best_model": None}
+    checkpoint_path = out_dir / CHECKPOINT
+    if resume and checkpoint_path.exists():
+        saved = load_checkpoint(checkpoint_path)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        _set_rng_state(saved["rng"], generator)
+        state = saved["state"]
+        print(f"resuming after epoch {state['epoch']} from {checkpoint_path}", file=sys.stderr)
+
+    start = time.perf_counter()
+    stopped_early = False
+    n = len(train)
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if state["bad_epochs"] >= cfg.patience:
+            stopped_early = True
+            break
+        epoch_start = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=generator)  # on the CPU; Batch.select moves each slice
+        sums: dict[str, torch.Tensor] = {}
+        bar = tqdm(
+            range(0, n, cfg.batch_size),
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not progress,
+            file=sys.stderr,
+        )
+        for i, offset in enumerate(bar):
+            index = order[offset : offset + cfg.batch_size]
+            batch = train.select(index)
+            with _autocast(device):
+                out = model(batch)
+                total, terms = model.loss(out, batch, params.loss)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            for name, value in (("loss", total.detach()), *terms.items()):
+                sums[name] = sums.get(name, 0.0) + value.float() * len(index)
+            if progress and i % 5 == 0:  # reading the loss syncs the device: not every step
+                bar.set_postfix(loss=f"{total.item():.4f}")
+        bar.close()
+
+        row: dict[str, float] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row.update({f"train_{name}": value.item() / n for name, value in sums.items()})
+        valid_loss = validation_loss(model, valid, cfg.eval_batch_size, params.loss)
+        metrics = regression_metrics(predict(model, valid, cfg.eval_batch_size), valid.label.cpu().numpy())
+        row["valid_loss"] = valid_loss
+        row.update({f"valid_{k}": v for k, v in metrics.items()})
+        row["seconds"] = time.perf_counter() - epoch_start
+        scheduler.step(valid_loss)
+
+        score = metrics[cfg.select_on]
+        if is_better(cfg.select_on, score, state["best"]):
+            state.update(best=score, best_epoch=epoch, bad_epochs=0)
+            state["best_model"] = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+            state["best_valid"] = metrics
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        state["history"].append(row)
+        print(
+            f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  valid loss {valid_loss:.4f}  "
+            f"{cfg.select_on} {score:.4f}  mae {metrics['mae']:.4f}  acc2 {metrics['acc2_non0']:.4f}  "
+            f"lr {row['lr']:.2e}  {row['seconds']:.1f}s" + ("  *" if state["best_epoch"] == epoch else ""),
+            file=sys.stderr,
+        )
+        _save(
+            checkpoint_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(generator),
+                "state": state,
+            },
+        )
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        if stop_after is not None and epoch >= stop_after:
+            raise Interrupted(epoch)
+    else:
+        stopped_early = state["bad_epochs"] >= cfg.patience
+
+    if state["best_model"] is None:
+        raise MdkatError("training produced no usable epoch (the validation metric was NaN every time)")
+    model.load_state_dict(state["best_model"])
+    _save(
+        out_dir / "model.pt",
+        {"model": state["best_model"], "model_config": dataclasses.asdict(params.model), "dims": dims},
+    )
+    _write_history(out_dir / "history.csv", state["history"])
+    return FitResult(
+        model=model,
+        best_epoch=state["best_epoch"],
+        best_valid=state["best_valid"],
+        history=state["history"],
+        stopped_early=stopped_early,
+        seconds=time.perf_counter() - start,
+    )
+
+
+class Interrupted(MdkatError):
+    """Raised by `fit(stop_after=...)`: the run ended as an interruption would end it."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"stopped after epoch {epoch} on request")
+        self.epoch = epoch
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    with atomic_open(path) as f:
+        f.write(_csv_text(columns, history).encode())
+
+
+def _csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -1,0 +1,177 @@
+"""The training loop and the evaluate stage on tiny synthetic data: determinism, resume, selection, files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mdkat.config import ConfigError, load_params
+from mdkat.data import load_prepared
+from mdkat.data.prepare import prepare
+from mdkat.evaluation import evaluate, seven_class
+from mdkat.training import Interrupted, fit, is_better, load_checkpoint, model_from_file, predict
+from tests.conftest import ROOT
+
+TINY = [
+    "data.synthetic.n_train=48",
+    "data.synthetic.n_valid=16",
+    "data.synthetic.n_test=20",
+    "data.synthetic.dims.text=24",
+    "data.seq_len=12",
+    "model.width=16",
+    "model.heads=2",
+    "train.epochs=4",
+    "train.batch_size=16",
+    "train.patience=10",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(params, prepared directory) of a tiny synthetic set-up, from the real params.yaml."""
+    params = load_params(ROOT / "params.yaml", TINY)
+    out = tmp_path_factory.mktemp("tiny") / "prepared"
+    prepare(params.data, out)
+    return params, out
+
+
+def _fit(params, data_dir, out, **kwargs):
+    return fit(params, load_prepared(data_dir, splits=("train", "valid")), out, progress=False, **kwargs)
+
+
+def _timeless(history):
+    """The history without wall-clock times, which differ between runs by nature."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_same_seed_gives_identical_results(tiny, tmp_path):
+    params, data_dir = tiny
+    a = _fit(params, data_dir, tmp_path / "a")
+    b = _fit(params, data_dir, tmp_path / "b")
+    assert a.history == [
+        {**row, "seconds": r["seconds"]} for row, r in zip(b.history, a.history, strict=True)
+    ]
+    assert a.best_valid == b.best_valid
+    sa, sb = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+
+
+def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(tiny, tmp_path):
+    params, data_dir = tiny
+    whole = _fit(params, data_dir, tmp_path / "whole")
+    with pytest.raises(Interrupted):
+        _fit(params, data_dir, tmp_path / "cut", stop_after=2)
+    assert not (tmp_path / "cut" / "model.pt").exists()
+    resumed = _fit(params, data_dir, tmp_path / "cut", resume=True)
+    assert _timeless(resumed.history) == _timeless(whole.history)
+    assert resumed.best_valid == whole.best_valid and resumed.best_epoch == whole.best_epoch
+
+
+def test_checkpoints_load_with_weights_only(tiny, tmp_path):
+    params, data_dir = tiny
+    _fit(params, data_dir, tmp_path)
+    for name in ("checkpoint.pt", "model.pt"):
+        payload = torch.load(tmp_path / name, weights_only=True)
+        assert "model" in payload
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["state"]["epoch"] == 4
+
+
+def test_best_weights_are_kept_and_reload_to_the_same_predictions(tiny, tmp_path):
+    params, data_dir = tiny
+    result = _fit(params, data_dir, tmp_path)
+    maes = [row["valid_mae"] for row in result.history]
+    assert result.best_epoch == 1 + int(np.argmin(maes))
+    assert result.best_valid["mae"] == min(maes)
+    data = load_prepared(data_dir, splits=("valid",))
+    reloaded = model_from_file(tmp_path / "model.pt")
+    np.testing.assert_allclose(
+        predict(reloaded, data.valid, 7), predict(result.model, data.valid, 16), atol=1e-6
+    )
+    # the history file has one row per epoch with every loss term and metric
+    with open(tmp_path / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    assert {"train_task", "train_ka", "train_kt", "valid_mae", "valid_acc2_non0", "lr"} <= set(rows[0])
+
+
+def test_early_stopping_stops_after_patience(tiny, tmp_path):
+    _, data_dir = tiny
+    # a learning rate of zero never improves on the first epoch
+    params = load_params(ROOT / "params.yaml", [*TINY, "train.lr=0.0", "train.patience=2", "train.epochs=10"])
+    result = _fit(params, data_dir, tmp_path)
+    assert result.stopped_early
+    assert len(result.history) == 3 and result.best_epoch == 1
+
+
+def test_is_better_directions():
+    assert is_better("mae", 0.5, 0.6) and not is_better("mae", 0.7, 0.6)
+    assert is_better("corr", 0.7, 0.6) and not is_better("acc2_non0", 0.5, 0.6)
+    assert not is_better("corr", float("nan"), None)
+    assert is_better("mae", 1.0, None)
+
+
+def test_training_never_reads_the_test_split(tiny, tmp_path):
+    import shutil
+
+    params, data_dir = tiny
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    (copy / "test.npz").write_bytes(b"not a split")
+    _fit(params, copy, tmp_path / "out")  # would raise on the test file's checksum if it were read
+
+
+def test_best_file_precedence(tmp_path):
+    best = tmp_path / "best.yaml"
+    best.write_text(
+        yaml.safe_dump(
+            {
+                "params": {"loss.ka": 0.7, "train.lr": 0.003},
+                "metric": "mae",
+                "value": 0.5,
+                "trial": 3,
+                "study_name": "s",
+                "n_trials": 8,
+            }
+        )
+    )
+    params = load_params(ROOT / "params.yaml", ["train.lr=0.01"], best=best)
+    assert params.loss.ka == 0.7  # the best file beats params.yaml
+    assert params.train.lr == 0.01  # -S beats the best file
+    best.write_text(yaml.safe_dump({"params": {"loss.kaa": 1.0}}))
+    with pytest.raises(ConfigError, match=r"best.yaml \(params\): unknown key 'loss.kaa'"):
+        load_params(ROOT / "params.yaml", best=best)
+    best.write_text(yaml.safe_dump({"params": {"loss.ka": "high"}}))
+    with pytest.raises(ConfigError, match=r"'loss.ka' expected float.*from .*best.yaml"):
+        load_params(ROOT / "params.yaml", best=best)
+
+
+def test_evaluate_writes_metrics_predictions_and_figures(tiny, tmp_path):
+    params, data_dir = tiny
+    _fit(params, data_dir, tmp_path / "model")
+    result = evaluate(
+        params, data_dir, tmp_path / "model" / "model.pt", tmp_path / "metrics.json", tmp_path / "plots"
+    )
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(report) == {"test", "oracle", "fraction_of_oracle"}
+    for key, value in report["test"].items():
+        if value is not None and report["oracle"][key]:
+            assert report["fraction_of_oracle"][key] == pytest.approx(value / report["oracle"][key])
+    with open(tmp_path / "plots" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20 and list(rows[0]) == ["id", "label", "prediction", "label_class", "pred_class"]
+    pred = np.array([float(r["prediction"]) for r in rows])
+    np.testing.assert_allclose(pred, result.pred)
+    assert [int(r["pred_class"]) for r in rows] == seven_class(pred).tolist()
+    assert (tmp_path / "plots" / "confusion.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "scatter.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seven_class_rounds_half_to_even_and_clips():
+    np.testing.assert_array_equal(
+        seven_class(np.array([-3.7, -2.5, -0.5, 0.5, 1.5, 2.5, 9.0])), [-3, -2, 0, 0, 2, 2, 3]
+    )
