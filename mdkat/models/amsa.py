@@ -14,6 +14,7 @@ Without AMSA (`model.use_amsa: false`) the specific sequence is mean-pooled over
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mdkat.models.encoders import SelfAttentionLayer
@@ -33,15 +34,19 @@ class AdaptiveMaskedSelfAttention(nn.Module):
 
     def key_bias(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Importance (B, T) (0 on padding) and the additive key bias (B, T) (-inf on masked keys)."""
-        importance = torch.sigmoid(self.score(x).squeeze(-1)) * mask  # (B, T)
+        logit = self.score(x).squeeze(-1)  # (B, T)
+        importance = torch.sigmoid(logit) * mask  # (B, T)
         top = importance.amax(dim=1, keepdim=True)  # (B, 1)
         kept = mask & (importance >= self.threshold * top)  # (B, T)
-        bias = torch.log(importance.clamp_min(1e-6)).masked_fill(~kept, float("-inf"))
+        # log a_t as logsigmoid: exact (and differentiable) where a_t is too small for log(sigmoid)
+        bias = F.logsigmoid(logit).masked_fill(~kept, float("-inf"))
         return importance * kept, bias
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         importance, bias = self.key_bias(x, mask)
         refined = self.norm(self.layer(x, bias[:, None, None, :]))  # (B, T, d)
-        weight = importance.sum(1, keepdim=True).clamp_min(1e-6)  # sigmoid can underflow to 0
-        pooled = (refined * importance.unsqueeze(-1)).sum(1) / weight  # (B, d)
+        # a_t / (sum of kept a_t) in log space: a sum clamped against underflow would shrink the pooled
+        # vector of a sample whose importances are all tiny; at least one key is kept, so no 0/0
+        weight = bias.softmax(dim=1)  # (B, T)
+        pooled = (refined * weight.unsqueeze(-1)).sum(1)  # (B, d)
         return refined, pooled, importance

@@ -1,0 +1,350 @@
+"""The model's modules on their own: AMSA's masking, KA's and KT's losses, and the loss functions,
+each against expectations computed independently (hand-computed values, or a planted structure)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdkat import MODALITIES
+from mdkat.config import load_params
+from mdkat.models import encoders, losses
+from mdkat.models.amsa import AdaptiveMaskedSelfAttention
+from mdkat.models.ka import LABEL_SCALE, KnowledgeAggregation
+from mdkat.models.kt import KnowledgeTransfer
+from tests.conftest import ROOT
+
+PARAMS = load_params(ROOT / "params.yaml").model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: a second intra-op thread only adds barriers (and spins when the other core is busy)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# -------------------------------------------------------------------------------------------------------
+# AMSA
+
+LENGTHS = torch.tensor([10, 6, 3])
+# the importance logit of each valid step (the score reads feature 0 only, see `_amsa`): a few steps far
+# below the others, and a last sample whose every step is unimportant in absolute terms
+LOGITS = [
+    [2.0, 1.0, -6.0, 3.0, 0.5, 2.5, 1.5, -7.0, 0.0, 2.0],
+    [1.0, 2.0, 0.5, 1.5, -6.0, 3.0],
+    [-20.0, -25.0, -22.0],
+]
+
+
+def _amsa() -> AdaptiveMaskedSelfAttention:
+    """AMSA at the configured threshold whose step importance is sigmoid(feature 0): known by design."""
+    torch.manual_seed(0)
+    amsa = AdaptiveMaskedSelfAttention(8, 2, dropout=0.0, threshold=PARAMS.amsa_threshold).eval()
+    with torch.no_grad():
+        amsa.score.weight.zero_()
+        amsa.score.weight[0, 0] = 1.0
+        amsa.score.bias.zero_()
+    return amsa
+
+
+def _planted() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features (B, T, 8), random also on padded steps (AMSA must go by the mask), the valid mask, and
+    the importance of every step (float64, 0 on padding)."""
+    g = torch.Generator().manual_seed(1)
+    t = int(LENGTHS.max())
+    x = torch.randn(len(LENGTHS), t, 8, generator=g) * 3
+    mask = torch.arange(t)[None, :] < LENGTHS[:, None]
+    importance = torch.zeros(len(LENGTHS), t, dtype=torch.float64)
+    for b, logits in enumerate(LOGITS):
+        x[b, : len(logits), 0] = torch.tensor(logits)
+        importance[b, : len(logits)] = torch.sigmoid(torch.tensor(logits, dtype=torch.float64))
+    return x, mask, importance
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The planted features and mask, and the steps AMSA should keep: valid, and at least threshold times
+    the sample's highest importance."""
+    x, mask, importance = _planted()
+    kept = mask & (importance >= PARAMS.amsa_threshold * importance.amax(1, keepdim=True))
+    return x, mask, kept
+
+
+def test_amsa_keeps_the_expected_steps():
+    _, mask, kept = _inputs()
+    # the planted layout: two and one unimportant steps; in the last sample, whose importances are all
+    # tiny, the two relatively large ones survive
+    assert (mask.sum(1) - kept.sum(1)).tolist() == [2, 1, 1]
+    assert kept.any(1).all()
+
+
+def test_amsa_gives_padded_and_unimportant_keys_exactly_zero_attention(monkeypatch):
+    amsa = _amsa()
+    x, mask, kept = _inputs()
+    probabilities = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kwargs):
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+        p = scores.softmax(-1)  # (B, heads, Tq, Tk)
+        out = sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+        # these are the probabilities the fused kernel applied, not merely similar ones
+        torch.testing.assert_close(p @ v, out, atol=1e-5, rtol=1e-5)
+        probabilities.append(p)
+        return out
+
+    monkeypatch.setattr(encoders.F, "scaled_dot_product_attention", recording_sdpa)
+    with torch.no_grad():
+        _, _, importance = amsa(x, mask)
+
+    (p,) = probabilities
+    dropped = ~kept[:, None, None, :].expand_as(p)  # every query, every head
+    assert (p[dropped] == 0.0).all(), "a padded or unimportant key gets attention"
+    assert (p[~dropped] > 0).all()
+    torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]))
+    assert (importance[~kept] == 0.0).all() and (importance[kept] > 0).all()
+
+
+def test_amsa_key_bias_masks_padding_and_steps_below_threshold_times_the_maximum():
+    amsa = _amsa()
+    x, mask, kept = _inputs()
+    with torch.no_grad():
+        _, bias = amsa.key_bias(x, mask)
+    assert torch.equal(torch.isfinite(bias), kept)
+    # the bias is the only key-dependent term of the mask: softmax over it alone shows what any query sees
+    assert torch.equal(bias.softmax(-1) > 0, kept)
+    # log a_t on kept keys, also for the last sample's tiny importances (around 1e-9)
+    _, _, importance = _planted()
+    torch.testing.assert_close(bias[kept].double(), importance[kept].log(), rtol=1e-5, atol=1e-5)
+
+
+def test_amsa_pools_the_kept_steps_weighted_by_importance():
+    amsa = _amsa()
+    x, mask, kept = _inputs()
+    _, _, importance = _planted()
+    with torch.no_grad():
+        refined, pooled, _ = amsa(x, mask)
+    weight = importance * kept
+    # normalised per sample: the weighted mean does not depend on the importances' absolute size
+    expected = (refined.double() * (weight / weight.sum(1, keepdim=True))[..., None]).sum(1)
+    torch.testing.assert_close(pooled.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("changed", ["padded", "unimportant"])
+def test_amsa_output_ignores_the_values_of_masked_steps(changed):
+    amsa = _amsa()
+    x, mask, kept = _inputs()
+    target = ~mask if changed == "padded" else mask & ~kept
+    g = torch.Generator().manual_seed(2)
+    noisy = x.clone()
+    # unimportant steps keep their importance logit (feature 0), everything else about them changes
+    first = 0 if changed == "padded" else 1
+    noisy[..., first:] = torch.where(
+        target[..., None], torch.randn(x[..., first:].shape, generator=g) * 10, x[..., first:]
+    )
+    with torch.no_grad():
+        refined, pooled, _ = amsa(x, mask)
+        refined_noisy, pooled_noisy, _ = amsa(noisy, mask)
+    torch.testing.assert_close(pooled_noisy, pooled, atol=1e-6, rtol=0)
+    torch.testing.assert_close(refined_noisy[kept], refined[kept], atol=1e-6, rtol=0)
+
+
+def test_amsa_output_depends_on_the_kept_steps():
+    # the counterpart of the invariance above: a kept step's values do reach the pooled vector
+    amsa = _amsa()
+    x, mask, kept = _inputs()
+    assert kept[0, 3]
+    noisy = x.clone()
+    noisy[0, 3, 1:] += 5.0  # its importance logit (feature 0) stays
+    with torch.no_grad():
+        assert (amsa(noisy, mask)[1][0] - amsa(x, mask)[1][0]).abs().max() > 1e-3
+
+
+# -------------------------------------------------------------------------------------------------------
+# KA
+
+
+def test_ka_is_lower_for_features_that_agree_within_samples_than_across():
+    torch.manual_seed(0)
+    ka = KnowledgeAggregation(16, PARAMS.ka_temperature)
+    n = 16
+    base = torch.randn(n, 16)
+    agree = {m: base + 0.1 * torch.randn(n, 16) for m in MODALITIES}
+    g = torch.Generator().manual_seed(1)
+    # the same vectors, but each modality's assigned to other samples: no sample's modalities agree
+    shuffled = {m: v[torch.randperm(n, generator=g)] for m, v in agree.items()}
+    label = torch.linspace(-3, 3, n)
+    with torch.no_grad():
+        matched, mismatched = ka(agree, label).item(), ka(shuffled, label).item()
+    assert matched < 0.5 * mismatched, (matched, mismatched)
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.5, 6.0])
+def test_ka_pushes_a_negative_by_its_label_distance(gap):
+    # two samples with identical features: every similarity equals the positive one, so each anchor's
+    # loss is log(1 + w) with w = 1 - exp(-gap / LABEL_SCALE), the negative's weight
+    torch.manual_seed(0)
+    ka = KnowledgeAggregation(16, PARAMS.ka_temperature)
+    one = {m: torch.randn(1, 16) for m in MODALITIES}
+    pair = {m: v.expand(2, -1) for m, v in one.items()}
+    label = torch.tensor([0.5, 0.5 + gap])
+    with torch.no_grad():
+        loss = ka(pair, label).item()
+    assert loss == pytest.approx(math.log(2.0 - math.exp(-gap / LABEL_SCALE)), abs=1e-6)
+    if gap == 0.0:
+        assert loss < 1e-6, "a negative with the anchor's own label must not be pushed away"
+
+
+def test_ka_of_one_sample_is_zero_and_differentiable():
+    torch.manual_seed(0)
+    ka = KnowledgeAggregation(16, PARAMS.ka_temperature)
+    pooled = {m: torch.randn(1, 16, requires_grad=True) for m in MODALITIES}
+    loss = ka(pooled, torch.tensor([1.2]))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in pooled.values())
+
+
+# -------------------------------------------------------------------------------------------------------
+# KT
+
+
+def _kt(momentum: float = PARAMS.kt_momentum) -> KnowledgeTransfer:
+    return KnowledgeTransfer(MODALITIES, PARAMS.kt_temperature, momentum)
+
+
+def _predictions(label: torch.Tensor, errors: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Unimodal predictions whose mean absolute error is exactly `errors[m]` (alternating signs)."""
+    sign = torch.ones_like(label)
+    sign[1::2] = -1
+    return {m: label + sign * errors[m] for m in MODALITIES}
+
+
+def test_kt_running_error_is_an_exponential_moving_average():
+    kt = _kt(momentum=0.9)
+    label = torch.tensor([-2.0, 0.0, 1.0, 2.5])
+    kt.update(_predictions(label, {"text": 0.2, "audio": 1.0, "vision": 2.0}), label)
+    torch.testing.assert_close(kt.error, torch.tensor([0.2, 1.0, 2.0]))  # the first batch is taken as is
+    kt.update(_predictions(label, {"text": 0.4, "audio": 0.5, "vision": 1.0}), label)
+    # 0.9 * previous + 0.1 * batch
+    torch.testing.assert_close(kt.error, torch.tensor([0.22, 0.95, 1.9]))
+    assert kt.updates.item() == 2
+
+
+def test_kt_transfers_only_from_stronger_to_weaker_modalities():
+    kt = _kt()
+    label = torch.tensor([-2.0, 0.0, 1.0, 2.5])
+    kt.update(_predictions(label, {"text": 0.1, "audio": 1.0, "vision": 1.5}), label)
+    w = kt.weights()
+    t, a, v = (MODALITIES.index(m) for m in ("text", "audio", "vision"))
+    assert w[t, a] > 0 and w[t, v] > 0 and w[a, v] > 0
+    assert w[a, t] == 0 and w[v, t] == 0 and w[v, a] == 0
+    assert (w.diagonal() == 0).all()
+    assert w[t, a].item() == pytest.approx(1 - math.exp(-0.9 / PARAMS.kt_temperature), rel=1e-5)
+    assert w[t, v] > w[t, a], "a larger error gap transfers more"
+
+
+def test_kt_loss_leaves_the_strongest_teacher_without_gradient():
+    kt = _kt()
+    label = torch.tensor([-2.0, 0.0, 1.0, 2.5])
+    kt.update(_predictions(label, {"text": 0.1, "audio": 1.0, "vision": 1.5}), label)
+    predictions = {
+        m: p.clone().requires_grad_()
+        for m, p in _predictions(label, {"text": 0.1, "audio": 1, "vision": 2}).items()
+    }
+    loss = kt(predictions)
+    assert loss > 0
+    loss.backward()
+    assert (predictions["text"].grad == 0).all()
+    assert predictions["audio"].grad.abs().sum() > 0 and predictions["vision"].grad.abs().sum() > 0
+
+
+def test_kt_loss_is_zero_before_any_update():
+    # no measured strengths yet: no modality is a teacher
+    label = torch.tensor([0.0, 1.0])
+    assert _kt()(_predictions(label, {"text": 0.0, "audio": 1.0, "vision": 2.0})).item() == 0.0
+
+
+# -------------------------------------------------------------------------------------------------------
+# loss functions
+
+
+def test_l1_is_the_mean_absolute_error():
+    pred = torch.tensor([1.0, -1.0, 0.5])
+    label = torch.tensor([0.0, 0.0, 1.0])
+    assert losses.l1(pred, label).item() == pytest.approx(2.5 / 3)
+    unimodal = {"text": pred, "audio": label + 2.0}  # errors 2.5 / 3 and 2
+    assert losses.unimodal_l1(unimodal, label).item() == pytest.approx((2.5 / 3 + 2.0) / 2)
+
+
+def test_l1_of_half_precision_predictions_is_float32():
+    pred = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    assert losses.l1(pred, torch.tensor([0.0, 0.0])).dtype == torch.float32
+
+
+def _vectors(rows: list[list[list[float]]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)  # (B, T, d)
+
+
+def test_orthogonality_is_the_squared_cosine_over_valid_steps():
+    independent = {
+        # sample 0: orthogonal, parallel, then a padded step that would score 1; sample 1: parallel
+        "text": _vectors([[[1, 0], [1, 1], [1, 0]], [[0, 2], [5, 5], [5, 5]]]),
+        "audio": _vectors([[[1, 0], [0, 1], [0, 0]], [[1, 0], [0, 1], [0, 0]]]),
+    }
+    specific = {
+        "text": _vectors([[[0, 3], [2, 2], [7, 0]], [[0, 1], [0, 1], [0, 1]]]),
+        # antiparallel (cos -1) and at 45 degrees (cos^2 = 1/2), lengths 2 and 1
+        "audio": _vectors([[[-3, 0], [1, 1], [9, 9]], [[1, 1], [9, 9], [9, 9]]]),
+    }
+    mask = {
+        "text": torch.tensor([[1, 1, 0], [1, 0, 0]]).bool(),
+        "audio": torch.tensor([[1, 1, 0], [1, 0, 0]]).bool(),
+    }
+    # each modality averages over its valid steps (all samples together): text (0 + 1 + 1) / 3,
+    # audio (1 + 1/2 + 1/2) / 3
+    expected = (2 / 3 + 2 / 3) / 2
+    assert losses.orthogonality(independent, specific, mask).item() == pytest.approx(expected, rel=1e-6)
+    # blind to scale: shrinking one side cannot satisfy it
+    scaled = {m: 1e-3 * s for m, s in specific.items()}
+    assert losses.orthogonality(independent, scaled, mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_orthogonality_is_zero_for_orthogonal_and_one_for_parallel_features():
+    c = {"text": _vectors([[[1, 0, 0], [0, 2, 0]]])}
+    mask = {"text": torch.ones(1, 2, dtype=torch.bool)}
+    orthogonal = {"text": _vectors([[[0, 1, 1], [3, 0, -1]]])}
+    parallel = {"text": _vectors([[[4, 0, 0], [0, -0.5, 0]]])}
+    assert losses.orthogonality(c, orthogonal, mask).item() == pytest.approx(0.0, abs=1e-7)
+    assert losses.orthogonality(c, parallel, mask).item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_reconstruction_is_the_masked_mean_squared_error_with_a_detached_target():
+    reconstructed = {
+        "text": _vectors([[[1, 2], [0, 0]], [[3, 3], [100, 100]]]).requires_grad_(),
+        "audio": _vectors([[[0, 0], [0, 0]], [[0, 0], [0, 0]]]).requires_grad_(),
+    }
+    target = {
+        "text": _vectors([[[0, 0], [0, 2]], [[3, 1], [0, 0]]]).requires_grad_(),
+        "audio": _vectors([[[2, 0], [0, 0]], [[0, 0], [0, 0]]]).requires_grad_(),
+    }
+    # text: the second step of sample 1 is padding; audio: only the first step of each sample is valid
+    mask = {"text": torch.tensor([[1, 1], [1, 0]]).bool(), "audio": torch.tensor([[1, 0], [1, 0]]).bool()}
+    # per valid step, the mean over features of the squared error; then the mean over valid steps:
+    # text (1 + 4) / 2, (0 + 4) / 2, (0 + 4) / 2; audio (4 + 0) / 2, 0
+    expected = ((2.5 + 2.0 + 2.0) / 3 + 1.0) / 2
+    loss = losses.reconstruction(reconstructed, target, mask)
+    assert loss.item() == pytest.approx(expected)
+    loss.backward()
+    assert all(t.grad is None for t in target.values()), "the reconstruction target must be detached"
+    assert reconstructed["text"].grad[1, 1].abs().sum() == 0, "a padded step got a gradient"
+    assert reconstructed["text"].grad[0, 0].abs().sum() > 0
