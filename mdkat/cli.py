@@ -62,6 +62,23 @@ def _evaluate(args: argparse.Namespace, params: Params) -> str:
     )
 
 
+def _tune(args: argparse.Namespace, params: Params) -> str:
+    from mdkat.tuning import tune
+
+    best = tune(params, args.data, args.out, workers=args.workers)
+    values = ", ".join(f"{k}={v:.3g}" for k, v in best["params"].items())
+    return (
+        f"best trial {best['trial']} of {best['n_trials']}: {best['metric']} {best['value']:.4f} ({values}) "
+        f"-> {args.out}"
+    )
+
+
+def _tune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--out", required=True, help="YAML of the best values, read by `train --best`")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on the same storage (default 1)")
+
+
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared data directory")
     p.add_argument("--out", required=True, help="output directory (model.pt, history.csv, ...)")
@@ -83,6 +100,7 @@ STAGES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable
         lambda p: p.add_argument("--out", required=True, help="output directory"),
         _prepare,
     ),
+    "tune": ("tune the loss weights with an Optuna study on the valid split", _tune_arguments, _tune),
     "train": ("train a model on the prepared train split, selecting on valid", _train_arguments, _train),
     "evaluate": ("evaluate a trained model on the test split", _evaluate_arguments, _evaluate),
 }

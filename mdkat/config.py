@@ -146,6 +146,32 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True)
+class SearchRange:
+    """One tuned parameter: a dotted key of this file and its range."""
+
+    key: str
+    low: float
+    high: float
+    log: bool
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The Optuna study over the loss weights (`mdkat.tuning`)."""
+
+    study_name: str  # a short hash of everything the objective depends on is appended
+    storage: str  # sqlite:///optuna.db | journal:PATH | an RDB URL such as postgresql://...
+    n_trials: int
+    timeout_s: float | None
+    epochs: int  # per trial
+    metric: str  # validation metric to optimise (a key of mdkat.metrics.regression_metrics)
+    seed: int
+    pruner: Literal["median", "hyperband", "none"]
+    heartbeat_s: int  # RDB storages: a trial whose worker is silent this long is failed
+    space: tuple[SearchRange, ...]
+
+
+@dataclass(frozen=True)
 class Params:
     """Everything in `params.yaml`."""
 
@@ -154,6 +180,7 @@ class Params:
     loss: LossConfig
     train: TrainConfig
     mlflow: MlflowConfig
+    tune: TuneConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,9 +263,18 @@ def _check_choices(params: Params, file: str) -> None:
     for key, value, choices in (
         ("model.name", params.model.name, sorted(REGISTRY)),
         ("train.select_on", params.train.select_on, list(METRIC_NAMES)),
+        ("tune.metric", params.tune.metric, list(METRIC_NAMES)),
     ):
         if value not in choices:
             raise ConfigError(f"{file}: '{key}' expected one of {choices}, got {value!r}", key)
+    flat = to_flat_dict(params)
+    for i, item in enumerate(params.tune.space):
+        where = f"{file}: 'tune.space[{i}]'"
+        if not isinstance(flat.get(item.key), float):
+            raise ConfigError(f"{where}: key {item.key!r} is not a numeric (float) parameter", "tune.space")
+        valid = 0 < item.low < item.high if item.log else item.low < item.high
+        if not valid:
+            raise ConfigError(f"{where}: expected low < high (and low > 0 on a log scale)", "tune.space")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -356,6 +392,20 @@ def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             out.update(to_flat_dict(value, f"{prefix}{f.name}."))
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                out.update(to_flat_dict(item, f"{prefix}{f.name}.{i}."))
         else:
             out[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def with_values(params: Params, values: typing.Mapping[str, Any], where: str = "with_values") -> Params:
+    """A copy of `params` with dotted keys set to `values`, validated like the file itself."""
+    raw = dataclasses.asdict(params)
+    for key, value in values.items():
+        _check_key_exists(Params, key, where)
+        _set_dotted(raw, key, value, where)
+    result = from_mapping(Params, raw, where)
+    _check_choices(result, where)
+    return result

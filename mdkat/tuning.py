@@ -1,0 +1,413 @@
+"""Optuna studies over the loss weights (and the learning rate): the `tune` stage.
+
+- Search space: `tune.space` in params.yaml; weights of loss terms the model does not compute
+  (`mdkat.models.loss_terms`) are left out. Objective: the best validation `tune.metric` over a trial's
+  `tune.epochs` epochs (minimised for MAE, maximised otherwise); the test split is never read.
+- The study's name is `tune.study_name` plus a short hash of every parameter the objective depends on
+  and of the data manifest: re-running with nothing changed continues the same study (its finished
+  trials count towards `n_trials`), any change starts a new one, so a stale best is never reused.
+- The default weights are enqueued as trial 0, so the study can only improve on them.
+- Seeded TPE; every worker, and every resumed invocation, derives its own seed from `tune.seed`, the
+  worker index and the number of trials already in the study, so workers do not propose the same points.
+- Exactly `n_trials`: finished and running trials are counted before each new trial starts, under a file
+  lock that is held until the new trial exists in the storage (`MaxTrialsCallback` alone overshoots with
+  several workers). Workers on several machines (an RDB URL) cannot share that lock; a trial that finds
+  `n_trials` trials ahead of it is tagged `surplus`, pruned at once and not counted.
+- Storage (`tune.storage`): `sqlite:///optuna.db` (default; with a busy timeout), `journal:PATH` (Optuna's
+  journal file, the better choice for several local workers: appends need no database lock), or any RDB
+  URL (`postgresql://...`) for workers on several machines, with heartbeats, so that a dead worker's trial
+  is failed. Relative paths are taken from the project root (also from a DVC temporary copy). Local
+  storages have no heartbeat: trials left RUNNING by a dead worker are failed when the stage starts.
+- MLflow: one parent run per invocation, one nested run per trial (params, per-epoch values, state).
+  Pruned and failed trials end KILLED / FAILED with an `optuna.state` tag and no objective value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mdkat.config import Params, to_flat_dict, with_values
+from mdkat.data import load_prepared
+from mdkat.errors import MdkatError
+from mdkat.io import atomic_open
+from mdkat.models import loss_terms
+from mdkat.tracking import Tracker, flat_params, project_root, redact, run_tags
+from mdkat.training import LOWER_IS_BETTER, fit
+
+# Parameters that change how a study runs, not what its objective measures: not part of its identity.
+BOOKKEEPING = {"tune.n_trials", "tune.timeout_s", "tune.storage", "tune.study_name", "tune.heartbeat_s"}
+IDENTITY_SECTIONS = ("model", "loss", "train", "tune")
+NOT_OBJECTIVE = {"train.epochs", "train.device"}  # trials train for tune.epochs; a device is not a setting
+
+
+def direction(metric: str) -> str:
+    """Optuna's direction for a validation metric."""
+    return "minimize" if metric in LOWER_IS_BETTER else "maximize"
+
+
+def searched(params: Params) -> list:
+    """The search ranges that apply to `params.model` (loss weights of absent terms are dropped)."""
+    terms = set(loss_terms(params.model))
+    return [r for r in params.tune.space if not r.key.startswith("loss.") or r.key.split(".", 1)[1] in terms]
+
+
+def study_name(params: Params, manifest_sha256: str) -> str:
+    """`tune.study_name` + a short hash of the objective's parameters and the data."""
+    flat = to_flat_dict(params)
+    relevant = {
+        k: v
+        for k, v in flat.items()
+        if k.split(".", 1)[0] in IDENTITY_SECTIONS and k not in BOOKKEEPING and k not in NOT_OBJECTIVE
+    }
+    digest = hashlib.sha256(
+        json.dumps({"params": relevant, "data": manifest_sha256}, sort_keys=True).encode()
+    )
+    return f"{params.tune.study_name}-{digest.hexdigest()[:10]}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# storage
+
+
+def _local_path(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else project_root() / p
+
+
+def is_local(storage: str) -> bool:
+    """Storages on this machine's disk (no heartbeats; a file lock serialises trial starts)."""
+    return storage.startswith(("sqlite:", "journal:"))
+
+
+def open_storage(storage: str, heartbeat_s: int):
+    """An Optuna storage object for a `tune.storage` string."""
+    import optuna
+
+    if storage.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = _local_path(storage.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if storage.startswith("sqlite:///"):
+        path = _local_path(storage.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a busy timeout: several local workers take turns instead of failing on "database is locked"
+        return optuna.storages.RDBStorage(
+            f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 60}}
+        )
+    return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s)
+
+
+def lock_path(storage: str, name: str) -> Path | None:
+    """The lock file that serialises trial starts of study `name` on a local storage."""
+    if storage.startswith("journal:"):
+        base = _local_path(storage.removeprefix("journal:"))
+    elif storage.startswith("sqlite:///"):
+        base = _local_path(storage.removeprefix("sqlite:///"))
+    else:
+        return None
+    return base.with_name(f".{base.name}.{name}.lock")
+
+
+class TrialStartLock:
+    """An exclusive lock on a file (or nothing, for remote storages), released explicitly."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.fd = path, None
+
+    def acquire(self) -> None:
+        if self.path is not None:
+            self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def counted(study) -> list:
+    """Trials that count towards `n_trials`: finished or running, not tagged surplus."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get("surplus")]
+
+
+def fail_stale_running(study) -> list[int]:
+    """Mark RUNNING trials failed (local storages: no worker of a previous invocation is alive)."""
+    from optuna.trial import TrialState
+
+    stale = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    for number in stale:
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    return stale
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one worker
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a worker process needs (picklable)."""
+
+    params: Params
+    data_dir: str
+    study_name: str
+    worker: int
+    seed: int
+    parent_run: str | None
+    threads: int
+    deadline: float | None  # time.time() after which no new trial starts
+
+
+def _pruner(params: Params):
+    import optuna
+
+    kind = params.tune.pruner
+    if kind == "median":
+        # 3 unpruned trials to compare with, and never on the first (noisiest) epoch: epochs count from 1,
+        # and Optuna prunes from step n_warmup_steps on
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=params.tune.epochs, reduction_factor=3
+        )
+    return optuna.pruners.NopPruner()
+
+
+def _objective(plan: WorkerPlan, data, lock: TrialStartLock, study):
+    import optuna
+
+    tune = plan.params.tune
+    metric = f"valid_{tune.metric}"
+    better = min if direction(tune.metric) == "minimize" else max
+    ranges = searched(plan.params)
+
+    def objective(trial: optuna.Trial) -> float:
+        lock.release()  # the trial now exists in the storage: the next worker may count it
+        ahead = [t for t in counted(study) if t.number < trial.number]
+        if len(ahead) >= tune.n_trials:
+            trial.set_user_attr("surplus", True)
+            raise optuna.TrialPruned(f"the study already has {tune.n_trials} trials")
+        values = {r.key: trial.suggest_float(r.key, r.low, r.high, log=r.log) for r in ranges}
+        trial_params = with_values(
+            plan.params, {**values, "train.epochs": tune.epochs}, f"trial {trial.number}"
+        )
+        tracker = None
+        if plan.parent_run is not None:
+            tracker = Tracker.start(
+                plan.params.mlflow.experiment,
+                f"trial {trial.number}",
+                {**{k: str(v) for k, v in values.items()}, "trial": str(trial.number)},
+                {
+                    "optuna.study": plan.study_name,
+                    "optuna.trial": str(trial.number),
+                    "worker": str(plan.worker),
+                },
+                parent=plan.parent_run,
+            )
+        seen: list[float] = []
+
+        def report(epoch: int, row: dict[str, float]) -> None:
+            if tracker is not None:
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            value = row[metric]
+            seen.append(value)
+            if not math.isnan(value):
+                trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+        state, status = "COMPLETE", "FINISHED"
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"trial{trial.number}-") as tmp:
+                fit(trial_params, data, tmp, on_epoch=report, progress=False)
+            finite = [v for v in seen if not math.isnan(v)]
+            if not finite:
+                raise MdkatError(f"trial {trial.number}: validation {tune.metric} was NaN in every epoch")
+            value = better(finite)
+            if tracker is not None:
+                tracker.log_metrics({"objective": value})
+            return value
+        except optuna.TrialPruned:
+            state, status = "PRUNED", "KILLED"
+            raise
+        except BaseException:
+            state, status = "FAIL", "FAILED"
+            raise
+        finally:
+            if tracker is not None:
+                tracker.set_tags({"optuna.state": state})
+                tracker.finish(status)
+            print(
+                f"trial {trial.number} (worker {plan.worker}): {state.lower()} {_short(values)}",
+                file=sys.stderr,
+            )
+
+    return objective
+
+
+def _short(values: dict[str, float]) -> str:
+    return " ".join(f"{k.split('.')[-1]}={v:.3g}" for k, v in values.items())
+
+
+def run_worker(plan: WorkerPlan) -> int:
+    """Run trials until the study has `n_trials` or the deadline passes; returns trials started here."""
+    import optuna
+    import torch
+
+    torch.set_num_threads(plan.threads)  # N workers share the cores; oversubscription stalls every thread
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tune = plan.params.tune
+    study = optuna.load_study(
+        study_name=plan.study_name,
+        storage=open_storage(tune.storage, tune.heartbeat_s),
+        sampler=optuna.samplers.TPESampler(seed=plan.seed),
+        pruner=_pruner(plan.params),
+    )
+    data = load_prepared(plan.data_dir, splits=("train", "valid"))
+    lock = TrialStartLock(lock_path(tune.storage, plan.study_name))
+    objective = _objective(plan, data, lock, study)
+    started = 0
+    while plan.deadline is None or time.time() < plan.deadline:
+        lock.acquire()
+        try:
+            if len(counted(study)) >= tune.n_trials:
+                break
+            # failures are recorded in the study and the worker goes on; the lock is released in the objective
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+            started += 1
+        finally:
+            lock.release()
+    return started
+
+
+def _worker_entry(plan: WorkerPlan) -> int:
+    return run_worker(plan)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the stage
+
+
+@contextlib.contextmanager
+def _parent_run(
+    params: Params, name: str, manifest: dict, manifest_sha: str, workers: int
+) -> Iterator[Tracker]:
+    tags = {**run_tags(manifest, manifest_sha), "optuna.study": name, "workers": str(workers)}
+    tracker = Tracker.start(params.mlflow.experiment, f"tune {name}", flat_params(params), tags)
+    try:
+        yield tracker
+    except BaseException as e:
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.finish()
+
+
+def tune(
+    params: Params, data_dir: str | Path, out: str | Path, workers: int = 1, track: bool = True
+) -> dict[str, Any]:
+    """Run (or continue) the study for `params` on `data_dir`; write the best values to `out`."""
+    import optuna
+
+    if workers < 1:
+        raise MdkatError(f"--workers must be at least 1, got {workers}")
+    tune_cfg = params.tune
+    data = load_prepared(data_dir, splits=("train", "valid"))
+    name = study_name(params, data.manifest_sha256)
+    storage = open_storage(tune_cfg.storage, tune_cfg.heartbeat_s)
+    study = optuna.create_study(
+        study_name=name, storage=storage, direction=direction(tune_cfg.metric), load_if_exists=True
+    )
+    if is_local(tune_cfg.storage):
+        stale = fail_stale_running(study)
+        if stale:
+            print(f"marked trials {stale} failed: left running by a worker that is gone", file=sys.stderr)
+    if not study.get_trials(deepcopy=False):
+        defaults = to_flat_dict(params)
+        study.enqueue_trial({r.key: defaults[r.key] for r in searched(params)})
+    before = len(study.get_trials(deepcopy=False))
+    so_far = len(counted(study))
+    print(
+        f"study {name} on {redact(tune_cfg.storage)}: {so_far}/{tune_cfg.n_trials} trials so far, "
+        f"{workers} worker(s)",
+        file=sys.stderr,
+    )
+    deadline = time.time() + tune_cfg.timeout_s if tune_cfg.timeout_s else None
+    threads = max(1, (os.cpu_count() or 1) // workers)
+
+    with contextlib.ExitStack() as stack:
+        parent = (
+            stack.enter_context(_parent_run(params, name, data.manifest, data.manifest_sha256, workers))
+            if track
+            else None
+        )
+        plans = [
+            WorkerPlan(
+                params=params,
+                data_dir=str(data_dir),
+                study_name=name,
+                worker=w,
+                seed=_derived_seed(tune_cfg.seed, w, before),
+                parent_run=parent.run_id if parent else None,
+                threads=threads,
+                deadline=deadline,
+            )
+            for w in range(workers)
+        ]
+        if workers == 1:
+            run_worker(plans[0])
+        else:
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                pool.map(_worker_entry, plans)
+        study = optuna.load_study(study_name=name, storage=storage)
+        result = _best(study, params, name)
+        if parent is not None:
+            parent.log_metrics({"best_value": result["value"], "best_trial": result["trial"]})
+            parent.set_tags({f"best.{k}": str(v) for k, v in result["params"].items()})
+    with atomic_open(out) as f:
+        f.write(yaml.safe_dump(result, sort_keys=False).encode())
+    return result
+
+
+def _derived_seed(seed: int, worker: int, trials_before: int) -> int:
+    # different workers and different invocations of one study must not replay the same proposals
+    digest = hashlib.sha256(f"{seed}/{worker}/{trials_before}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _best(study, params: Params, name: str) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise MdkatError(f"study {name}: no trial completed (all pruned or failed); nothing to write")
+    best = study.best_trial
+    return {
+        "params": {k: float(v) for k, v in best.params.items()},
+        "metric": f"valid_{params.tune.metric}",
+        "direction": direction(params.tune.metric),
+        "value": float(best.value),
+        "trial": best.number,
+        "study_name": name,
+        "n_trials": len(counted(study)),
+    }
