@@ -8,7 +8,6 @@ metrics, predictions and figures into the same run. A failure marks the run FAIL
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ def train_run(
     record = out_dir / RUN_RECORD
     if resume and record.exists():
         tracker = Tracker.attach(record)
+        tracker.reopen()
     else:
         tags = run_tags(data.manifest, data.manifest_sha256)
         if best is not None:
@@ -78,7 +78,9 @@ def train_run(
         with atomic_open(out_dir / "params.resolved.yaml") as f:
             f.write(_resolved_yaml(params).encode())
         manifest_copy = out_dir / "data_manifest.json"
-        shutil.copyfile(Path(data_dir) / "manifest.json", manifest_copy)
+        # the manifest records the data URLs, passwords included; the logged copy must not
+        with atomic_open(manifest_copy) as f:
+            f.write(redact((Path(data_dir) / "manifest.json").read_text()).encode())
         tracker.log_artifacts(
             [
                 out_dir / n

@@ -21,6 +21,14 @@ from mdkat.data import Batch
 INFER_BATCH = 256
 
 
+warnings.filterwarnings(
+    # MLflow asks for type hints on `predict` to validate inputs; a dict of arrays has no such hint
+    "ignore",
+    message=".*type hints to the `predict` method",
+    category=UserWarning,
+)
+
+
 class SentimentModel(mlflow.pyfunc.PythonModel):
     """Loads `model.pt` from the model's artifacts and predicts sentiment from named modalities."""
 

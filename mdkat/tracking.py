@@ -3,8 +3,9 @@
 The tracking URI comes from `MLFLOW_TRACKING_URI`, else `sqlite:///<project root>/mlflow.db` (the file
 store is deprecated). The project root is the repository root, also when DVC runs a queued experiment in
 a temporary copy under `.dvc/tmp/exps/` (a relative store there would be deleted with the copy); the
-experiment is created with its artifact location at `<project root>/mlruns` for the same reason. An HTTP
-tracking server is asked for `/health` with a short timeout first: the client's own retries take minutes.
+experiment is created with its artifact location at `<project root>/mlruns` for the same reason, except on
+a tracking server, which stores artifacts itself. An HTTP tracking server is asked for `/health` with a
+short timeout first: the client's own retries take minutes.
 
 Runs are written through `MlflowClient` with explicit run ids (no global active run), so a training run,
 its evaluation in another process, and the nested trial runs of a study never step on each other.
@@ -13,12 +14,14 @@ Secrets never leave this module: passwords in URLs are replaced by `***` before 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -62,9 +65,16 @@ def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
     """Fail fast, naming the URI, when an HTTP tracking server does not answer `/health`."""
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
+    # urllib takes `user:password@` for part of the host name: send it as Basic auth, as MLflow's client does
+    parts = urllib.parse.urlsplit(uri.rstrip("/") + "/health")
+    request = urllib.request.Request(
+        urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    )
+    if parts.username is not None:
+        login = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             if response.status == 200:
                 return
             problem = f"HTTP {response.status}"
@@ -106,7 +116,7 @@ def run_tags(manifest: Mapping[str, Any] | None = None, manifest_sha256: str | N
 
 def flat_params(params: Params) -> dict[str, str]:
     """Every parameter as `section.key` -> string, secrets redacted (MLflow params are strings)."""
-    return {key: str(redact(value)) for key, value in to_flat_dict(params).items()}
+    return {key: redact(str(value)) for key, value in to_flat_dict(params).items()}
 
 
 @dataclass
@@ -135,7 +145,10 @@ class Tracker:
         client = MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            location = (project_root() / "mlruns").as_uri()
+            # a tracking server stores artifacts itself (`--artifacts-destination`): a path on this machine
+            # would be unreadable by the server and everyone else using it
+            remote = uri.startswith(("http://", "https://"))
+            location = None if remote else (project_root() / "mlruns").as_uri()
             experiment_id = client.create_experiment(experiment, artifact_location=location)
         else:
             experiment_id = found.experiment_id
@@ -197,6 +210,10 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store `text` as an artifact file."""
         self.client.log_text(self.run_id, text, artifact_file)
+
+    def reopen(self) -> None:
+        """Mark a FAILED or KILLED run RUNNING again (a resumed training continues it)."""
+        self.client.update_run(self.run_id, status="RUNNING")
 
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED."""

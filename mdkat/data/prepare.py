@@ -7,6 +7,7 @@ from typing import Any
 
 from mdkat.config import DataConfig, to_flat_dict
 from mdkat.data.prepared import write_prepared
+from mdkat.tracking import redact
 
 
 def prepare(cfg: DataConfig, out: str | Path) -> dict[str, Any]:
@@ -27,5 +28,6 @@ def prepare(cfg: DataConfig, out: str | Path) -> dict[str, Any]:
         from mdkat.data.cmu_sdk import load_cmu_sdk
 
         splits, info = load_cmu_sdk(cfg)
-    info["params"] = to_flat_dict(cfg, "data.")
+    # the manifest is cached and shared: a password in data.url must not travel with it
+    info["params"] = {key: redact(value) for key, value in to_flat_dict(cfg, "data.").items()}
     return write_prepared(out, splits, info)

@@ -1,0 +1,547 @@
+"""MLflow tracking of the train and evaluate stages: what a run records, where it goes, how it ends.
+
+Each test writes to its own sqlite store in a temporary folder, never to the repository's mlflow.db, and
+runs from that folder: it holds an empty dvc.yaml, which makes it the project root, so the run's
+artifacts land in its mlruns/. One test trains against a real `mlflow server` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.entities import LoggedModelStatus
+from mlflow.tracking import MlflowClient
+
+import mdkat.runs
+from mdkat import MODALITIES
+from mdkat.config import Params, load_params, to_flat_dict
+from mdkat.data import load_prepared
+from mdkat.data.prepare import prepare
+from mdkat.errors import MdkatError
+from mdkat.runs import RUN_RECORD, evaluate_run, train_run
+from mdkat.tracking import check_reachable, redact
+from mdkat.training import CHECKPOINT, Interrupted, fit
+from tests.conftest import ROOT
+from tests.test_training import TINY
+
+# a loss weight away from params.yaml's, so that the logged value is known whatever that file says
+SETTINGS = [*TINY, "loss.ka=0.25"]
+SECRET_URL = "https://user:s3cret@example.org/x.pkl"
+SERVER_BOOT_S = 60.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # On a shared two-core machine, two processes with two torch threads each make tiny ops 100x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_mlflow_global_uri():
+    # serving.log_model calls mlflow.set_tracking_uri, which also exports MLFLOW_TRACKING_URI; the modules
+    # tested after this one must not inherit the last temporary store.
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(None)
+    if saved is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow sqlite database that each test copies: creating one takes seconds."""
+    folder = tmp_path_factory.mktemp("empty-store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)  # the default experiment's artifact root is taken from the cwd
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+def _use_store(folder: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> str:
+    """Make `folder` the project root and its own sqlite store the tracking URI; return the URI."""
+    (folder / "dvc.yaml").touch()
+    shutil.copyfile(empty_store, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(folder)
+    # tags depend on these; a test run inside a DVC experiment must not see its own stage's values
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    return uri
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, empty_store) -> str:
+    """This test's tracking URI: a fresh sqlite store in tmp_path, which is also the project root."""
+    return _use_store(tmp_path, monkeypatch, empty_store)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(params, prepared directory) of a tiny synthetic set-up, from the real params.yaml."""
+    params = load_params(ROOT / "params.yaml", SETTINGS)
+    out = tmp_path_factory.mktemp("tiny") / "prepared"
+    prepare(params.data, out)
+    return params, out
+
+
+@dataclass
+class Tracked:
+    """A tracked training and its evaluation, as the train and evaluate stages run them."""
+
+    uri: str
+    root: Path  # the project root, holding mlflow.db and mlruns/
+    out: Path  # the train stage's output folder
+    metrics_file: Path
+    plots: Path
+    run_id: str
+    params: Params
+    data_dir: Path
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.uri)
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, tiny, empty_store) -> Tracked:
+    """One train_run + evaluate_run, shared by the tests that only read what they recorded."""
+    params, data_dir = tiny
+    root = tmp_path_factory.mktemp("tracked")
+    with pytest.MonkeyPatch.context() as mp:
+        uri = _use_store(root, mp, empty_store)
+        mp.setenv("DVC_STAGE", "train")
+        result = train_run(params, data_dir, root / "out")
+        evaluate_run(params, data_dir, root / "out" / "model.pt", root / "metrics.json", root / "plots")
+    return Tracked(
+        uri, root, root / "out", root / "metrics.json", root / "plots", result["run_id"], params, data_dir
+    )
+
+
+def _history(path: Path) -> list[dict[str, float]]:
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    """A metric's history as (step, value), by step; MLflow does not promise an order."""
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def _recorded_run_id(out: Path) -> str:
+    return json.loads((out / RUN_RECORD).read_text())["run_id"]
+
+
+# --- what one tracked training and evaluation record
+
+
+def test_every_parameter_is_logged_as_a_string(tracked):
+    logged = tracked.client.get_run(tracked.run_id).data.params
+    assert set(logged) == set(to_flat_dict(tracked.params))
+    assert logged["model.width"] == "16"
+    assert logged["loss.ka"] == "0.25"
+    assert logged["data.synthetic.n_train"] == "48"
+    assert logged["train.lr"] == str(tracked.params.train.lr)
+    assert logged["data.url"] == "None"
+
+
+def test_tags_name_the_commit_the_data_and_the_dvc_stage(tracked):
+    tags = tracked.client.get_run(tracked.run_id).data.tags
+    commit = tags["git.commit"]
+    assert commit == "unknown" or (len(commit) == 40 and set(commit) <= set("0123456789abcdef"))
+    assert tags["git.dirty"] in {"true", "false", "unknown"}
+    manifest = (tracked.data_dir / "manifest.json").read_bytes()
+    assert tags["data.manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+    assert tags["data.source"] == "synthetic"
+    assert tags["dvc.stage"] == "train"
+    assert "dvc.exp.name" not in tags
+
+
+def test_each_epoch_is_logged_at_its_step_with_the_values_of_history_csv(tracked):
+    history = _history(tracked.out / "history.csv")
+    epochs = tracked.params.train.epochs
+    assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
+    for key in ("valid_mae", "valid_loss", "train_loss", "train_task", "train_ka", "train_kt", "lr"):
+        logged = _steps(tracked.client, tracked.run_id, key)
+        assert [step for step, _ in logged] == list(range(1, epochs + 1)), key
+        np.testing.assert_array_equal([v for _, v in logged], [row[key] for row in history], err_msg=key)
+
+
+def test_best_and_test_metrics_match_the_files(tracked):
+    metrics = tracked.client.get_run(tracked.run_id).data.metrics
+    history = _history(tracked.out / "history.csv")
+    maes = [row["valid_mae"] for row in history]
+    assert metrics["best_valid_mae"] == min(maes)
+    assert metrics["best_epoch"] == 1 + int(np.argmin(maes))
+    valid = json.loads((tracked.out / "valid_metrics.json").read_text())
+    assert metrics["best_valid_mae"] == valid["mae"]
+    report = json.loads(tracked.metrics_file.read_text())
+    assert metrics["test_mae"] == report["test"]["mae"]
+    assert metrics["test_acc2_non0"] == report["test"]["acc2_non0"]
+
+
+def test_artifacts_are_logged_into_the_project_mlruns(tracked):
+    expected = {
+        "model.pt",
+        "history.csv",
+        "valid_metrics.json",
+        "learning_curves.png",
+        "params.resolved.yaml",
+        "data_manifest.json",
+        "evaluation/metrics.json",
+        "evaluation/predictions.csv",
+        "evaluation/confusion.png",
+        "evaluation/scatter.png",
+    }
+    assert expected <= _artifacts(tracked.client, tracked.run_id)
+    stored = tracked.root / "mlruns" / tracked.run_id / "artifacts"
+    assert tracked.client.get_run(tracked.run_id).info.artifact_uri == stored.as_uri()
+    assert (stored / "model.pt").read_bytes() == (tracked.out / "model.pt").read_bytes()
+    assert (stored / "evaluation" / "predictions.csv").read_bytes() == (
+        tracked.plots / "predictions.csv"
+    ).read_bytes()
+    resolved = yaml.safe_load((stored / "params.resolved.yaml").read_text())
+    assert resolved["model"]["width"] == 16 and resolved["train"]["epochs"] == tracked.params.train.epochs
+
+
+def test_the_pyfunc_model_is_a_logged_model_of_the_run(tracked):
+    client = tracked.client
+    outputs = client.get_run(tracked.run_id).outputs.model_outputs
+    assert len(outputs) == 1
+    model = client.get_logged_model(outputs[0].model_id)
+    assert model.name == "model" and model.source_run_id == tracked.run_id
+    assert model.status == LoggedModelStatus.READY
+    # MLflow 3 keeps logged models beside the runs, not among the run's artifacts
+    stored = tracked.root / "mlruns" / "models" / model.model_id / "artifacts"
+    assert model.artifact_location == stored.as_uri()
+    assert (stored / "artifacts" / "model.pt").read_bytes() == (tracked.out / "model.pt").read_bytes()
+
+
+def test_the_run_finishes_and_its_id_is_recorded_next_to_the_model(tracked):
+    info = tracked.client.get_run(tracked.run_id).info
+    assert info.status == "FINISHED" and info.end_time is not None
+    record = json.loads((tracked.out / RUN_RECORD).read_text())
+    assert record == {
+        "run_id": tracked.run_id,
+        "experiment_id": info.experiment_id,
+        "tracking_uri": tracked.uri,
+    }
+    assert tracked.client.get_experiment(info.experiment_id).name == tracked.params.mlflow.experiment
+
+
+@pytest.mark.parametrize("form", ["runs:/{run_id}/model", "models:/{model_id}"])
+def test_the_loaded_pyfunc_model_predicts_what_evaluate_wrote(tracked, form, monkeypatch):
+    outputs = tracked.client.get_run(tracked.run_id).outputs.model_outputs
+    uri = form.format(run_id=tracked.run_id, model_id=outputs[0].model_id)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
+    # load_model resolves both URI forms through the global tracking URI, which takes precedence
+    mlflow.set_tracking_uri(tracked.uri)
+    model = mlflow.pyfunc.load_model(uri)
+    test = load_prepared(tracked.data_dir, splits=("test",)).test
+    inputs = {m: test.features(m).numpy() for m in MODALITIES}
+    inputs.update({f"{m}_len": test.lengths(m).numpy() for m in MODALITIES})
+    predicted = model.predict(inputs)
+    with open(tracked.plots / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == test.id
+    np.testing.assert_allclose(predicted, [float(r["prediction"]) for r in rows], rtol=0, atol=1e-6)
+
+
+# --- resuming and failing
+
+
+def test_resume_continues_the_same_run_and_logs_each_epoch_once(tiny, store, tmp_path, monkeypatch):
+    params, data_dir = tiny
+    out = tmp_path / "out"
+    client = MlflowClient(store)
+    # the first attempt ends after epoch 2 as an interruption would, its checkpoint written
+    monkeypatch.setattr(mdkat.runs, "fit", functools.partial(fit, stop_after=2))
+    with pytest.raises(Interrupted):
+        train_run(params, data_dir, out)
+    run_id = _recorded_run_id(out)
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert [step for step, _ in _steps(client, run_id, "valid_mae")] == [1, 2]
+
+    monkeypatch.setattr(mdkat.runs, "fit", fit)
+    result = train_run(params, data_dir, out, resume=True)
+    assert result["run_id"] == run_id == _recorded_run_id(out)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    history = _history(out / "history.csv")
+    epochs = params.train.epochs
+    for key in ("valid_mae", "train_loss", "lr"):
+        logged = _steps(client, run_id, key)
+        assert [step for step, _ in logged] == list(range(1, epochs + 1)), key
+        np.testing.assert_array_equal([v for _, v in logged], [row[key] for row in history], err_msg=key)
+    assert run.data.metrics["best_valid_mae"] == min(row["valid_mae"] for row in history)
+    assert len(run.outputs.model_outputs) == 1
+
+
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_a_failing_training_ends_the_run_and_propagates(tiny, store, tmp_path, monkeypatch, error, status):
+    params, data_dir = tiny
+    raised = error("broken on purpose")
+
+    def broken_fit(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(mdkat.runs, "fit", broken_fit)
+    with pytest.raises(error) as caught:
+        train_run(params, data_dir, tmp_path / "out")
+    assert caught.value is raised
+    info = MlflowClient(store).get_run(_recorded_run_id(tmp_path / "out")).info
+    assert info.status == status and info.end_time is not None
+
+
+# --- secrets
+
+
+def test_a_password_in_a_parameter_is_logged_nowhere(store, tmp_path):
+    params = load_params(ROOT / "params.yaml", [*SETTINGS, f"data.url={SECRET_URL}"])
+    assert params.data.source == "synthetic"
+    # prepared with the same parameters, as the pipeline does: the manifest records them
+    prepare(params.data, tmp_path / "prepared")
+    result = train_run(params, tmp_path / "prepared", tmp_path / "out")
+    run = MlflowClient(store).get_run(result["run_id"])
+    assert run.data.params["data.url"] == "https://user:***@example.org/x.pkl"
+    assert not [k for k, v in run.data.params.items() if "s3cret" in v]
+    assert not [k for k, v in run.data.tags.items() if "s3cret" in v]
+    resolved = yaml.safe_load((tmp_path / "out" / "params.resolved.yaml").read_text())
+    assert resolved["data"]["url"] == "https://user:***@example.org/x.pkl"
+    written = [p for folder in ("mlruns", "out") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    assert any(p.name == "data_manifest.json" for p in written)
+    leaking = [p for p in [*written, tmp_path / "mlflow.db"] if b"s3cret" in p.read_bytes()]
+    assert leaking == []
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("postgresql://u:p@h:5432/db", "postgresql://u:***@h:5432/db"),
+        (SECRET_URL, "https://user:***@example.org/x.pkl"),
+        ("mysql+pymysql://u:p:q@h/db", "mysql+pymysql://u:***@h/db"),
+        ("https://example.org/x.pkl", "https://example.org/x.pkl"),
+        ("https://user@example.org/x.pkl", "https://user@example.org/x.pkl"),
+        ("sqlite:///x.db", "sqlite:///x.db"),
+        ("no url at all", "no url at all"),
+        (5432, 5432),
+        (None, None),
+    ],
+)
+def test_redact_hides_only_passwords_in_urls(value, expected):
+    assert redact(value) == expected
+
+
+# --- tracking servers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A `mlflow server` subprocess on 127.0.0.1."""
+
+    url: str
+    artifacts: Path
+    process: subprocess.Popen
+    log: Path
+
+    def wait_until_healthy(self, timeout_s: float = SERVER_BOOT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"mlflow server exited with {self.process.returncode}:\n{self.log.read_text()}")
+            with contextlib.suppress(urllib.error.URLError, OSError):
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            time.sleep(0.25)
+        pytest.fail(f"mlflow server gave no /health in {timeout_s} s:\n{self.log.read_text()}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_server(tmp_path_factory, empty_store):
+    """A tracking server, started with the module so that its boot (tens of seconds) overlaps the tests."""
+    folder = tmp_path_factory.mktemp("server")
+    shutil.copyfile(empty_store, folder / "srv.db")  # saves the server the schema migrations
+    port = _free_port()
+    command = [
+        *(sys.executable, "-m", "mlflow", "server"),
+        *("--backend-store-uri", f"sqlite:///{folder / 'srv.db'}"),
+        *("--artifacts-destination", str(folder / "art")),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+    ]
+    log = folder / "server.log"
+    with open(log, "wb") as sink:
+        # its own process group: the server runs its workers as children, and all must be stopped
+        process = subprocess.Popen(
+            command,
+            cwd=folder,
+            # its background job runner (scheduled GenAI jobs) is not used here, and its workers boot slowly
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield Server(f"http://127.0.0.1:{port}", folder / "art", process, log)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # a worker that outlived the leader
+
+
+def test_a_run_is_recorded_through_a_tracking_server(mlflow_server, tiny, tmp_path, monkeypatch):
+    mlflow_server.wait_until_healthy()
+    params, data_dir = tiny
+    (tmp_path / "dvc.yaml").touch()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    result = train_run(params, data_dir, tmp_path / "out")
+
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.width"] == "16" and run.data.params["loss.ka"] == "0.25"
+    history = _history(tmp_path / "out" / "history.csv")
+    logged = _steps(client, run.info.run_id, "valid_mae")
+    assert logged == [(int(row["epoch"]), row["valid_mae"]) for row in history]
+    # artifacts go to the server's store, where every user of the server can read them
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert {"model.pt", "history.csv"} <= _artifacts(client, run.info.run_id)
+    stored = mlflow_server.artifacts / run.info.experiment_id / run.info.run_id / "artifacts"
+    assert (stored / "model.pt").read_bytes() == (tmp_path / "out" / "model.pt").read_bytes()
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_the_health_check_passes_credentials_in_the_server_uri(mlflow_server):
+    mlflow_server.wait_until_healthy()
+    host = mlflow_server.url.removeprefix("http://")
+    check_reachable(f"http://user:pass%40word@{host}/")  # no error: the server answered
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_unreachable_server_fails_fast_before_any_epoch(tiny, tmp_path, monkeypatch, resume):
+    params, data_dir = tiny
+    out = tmp_path / "out"
+    if resume:
+        out.mkdir()
+        (out / RUN_RECORD).write_text(json.dumps({"run_id": "0" * 32, "experiment_id": "1"}))
+    (tmp_path / "dvc.yaml").touch()
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there any more
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with pytest.raises(MdkatError, match="not reachable") as caught:
+        train_run(params, data_dir, out, resume=resume)
+    assert time.monotonic() - start < 10
+    assert uri in str(caught.value)
+    assert not (out / "history.csv").exists() and not (out / CHECKPOINT).exists()
+    assert (out / RUN_RECORD).exists() == resume
+
+
+def test_an_unreachable_server_message_hides_the_password():
+    port = _free_port()
+    with pytest.raises(MdkatError) as caught:
+        check_reachable(f"http://user:s3cret@127.0.0.1:{port}")
+    assert f"http://user:***@127.0.0.1:{port}" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+# --- the stage scripts as DVC runs them
+
+
+def test_train_and_evaluate_stages_record_one_run(tiny, store, tmp_path):
+    _, data_dir = tiny
+    overrides = [arg for item in SETTINGS for arg in ("-S", item)]
+    common = ["--params", str(ROOT / "params.yaml"), "--data", str(data_dir), *overrides]
+    # one torch thread in the children too (see _one_torch_thread); DVC names the stage it runs; the
+    # scripts import the package of this tree, whatever copy may be installed
+    python_path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store,
+        "OMP_NUM_THREADS": "1",
+        "DVC_STAGE": "train",
+        "PYTHONPATH": os.pathsep.join(python_path),
+    }
+
+    def stage(name: str, *args: str) -> subprocess.CompletedProcess:
+        script = str(ROOT / "stages" / f"{name}.py")
+        return subprocess.run(
+            [sys.executable, script, *common, *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    out = tmp_path / "out"
+    trained = stage("train", "--out", str(out))
+    assert trained.returncode == 0, trained.stderr
+    run_id = _recorded_run_id(out)
+    assert f"MLflow run {run_id}" in trained.stderr
+    # evaluate logs into the training run and leaves its provenance tags alone
+    env["DVC_STAGE"] = "evaluate"
+    evaluated = stage(
+        "evaluate",
+        *("--model", str(out / "model.pt")),
+        *("--metrics", str(tmp_path / "metrics.json")),
+        *("--plots", str(tmp_path / "plots")),
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    for path in (out / "model.pt", out / "history.csv", tmp_path / "metrics.json"):
+        assert path.exists(), path
+    assert (tmp_path / "plots" / "predictions.csv").exists()
+
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run_id]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dvc.stage"] == "train"
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert run.data.metrics["test_mae"] == report["test"]["mae"]
+    assert "evaluation/predictions.csv" in _artifacts(client, run_id)
+    assert (tmp_path / "mlruns" / run_id / "artifacts" / "model.pt").exists()
