@@ -161,6 +161,27 @@ def fail_stale_running(study) -> list[int]:
     return stale
 
 
+def enqueue_defaults(study, params: Params) -> bool:
+    """Queue the default values as a trial unless one with them is complete, running or queued.
+
+    Checked on every invocation with trials left to run, not only for a new study: if the defaults'
+    trial failed or was killed, they are tried again, so the study's best is at least as good.
+    """
+    from optuna.trial import TrialState
+
+    if len(counted(study)) >= params.tune.n_trials:
+        return False
+    flat = to_flat_dict(params)
+    defaults = {r.key: flat[r.key] for r in searched(params)}
+    alive = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    for t in study.get_trials(deepcopy=False, states=alive):
+        # a queued trial has no params yet: Optuna keeps what it was queued with as fixed params
+        if (t.params or t.system_attrs.get("fixed_params")) == defaults:
+            return False
+    study.enqueue_trial(defaults)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------------
 # one worker
 
@@ -328,6 +349,7 @@ def tune(
 ) -> dict[str, Any]:
     """Run (or continue) the study for `params` on `data_dir`; write the best values to `out`."""
     import optuna
+    import torch
 
     if workers < 1:
         raise MdkatError(f"--workers must be at least 1, got {workers}")
@@ -342,9 +364,7 @@ def tune(
         stale = fail_stale_running(study)
         if stale:
             print(f"marked trials {stale} failed: left running by a worker that is gone", file=sys.stderr)
-    if not study.get_trials(deepcopy=False):
-        defaults = to_flat_dict(params)
-        study.enqueue_trial({r.key: defaults[r.key] for r in searched(params)})
+    enqueue_defaults(study, params)
     before = len(study.get_trials(deepcopy=False))
     so_far = len(counted(study))
     print(
@@ -375,7 +395,11 @@ def tune(
             for w in range(workers)
         ]
         if workers == 1:
-            run_worker(plans[0])
+            threads_before = torch.get_num_threads()
+            try:
+                run_worker(plans[0])
+            finally:
+                torch.set_num_threads(threads_before)  # in-process: leave the caller's setting as it was
         else:
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 pool.map(_worker_entry, plans)
