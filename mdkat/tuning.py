@@ -255,7 +255,8 @@ def _objective(plan: WorkerPlan, data, lock: TrialStartLock, study):
             seen.append(value)
             if not math.isnan(value):
                 trial.report(value, epoch)
-            if trial.should_prune():
+            # after the last epoch there is nothing left to save: a finished trial keeps its value
+            if epoch < tune.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         state, status = "COMPLETE", "FINISHED"
