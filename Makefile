@@ -11,9 +11,15 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 repro: setup
 	dvc repro
 
+# then the CI profile (ci.overrides in params.yaml) twice in fresh copies: no regression against
+# ci/baseline.json, identical metrics both times, and the comparison notebook runs on its results
 test: setup
 	ruff check .
 	pytest -q
+	python -m mdkat.ci run --out .ci-runs/first
+	python -m mdkat.ci run --out .ci-runs/second
+	python -m mdkat.ci check --now .ci-runs/first --repeat .ci-runs/second
+	python -m mdkat.ci notebook --project .ci-runs/first
 
 setup: $(STAMP)
 

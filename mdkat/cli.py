@@ -73,6 +73,21 @@ def _tune(args: argparse.Namespace, params: Params) -> str:
     )
 
 
+def _report(args: argparse.Namespace, params: Params) -> str:
+    from mdkat.report import REFERENCE, report
+
+    table = report(params, args.data, args.out).set_index(["variant", "metric"])
+    mae = ", ".join(f"{v} {table.loc[(v, 'mae'), 'mean']:.4f}" for v in params.report.variants)
+    seeds = len(params.report.seeds)
+    return f"test MAE (mean over {seeds} seeds): {mae}; {REFERENCE} is the reference -> {args.out}"
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--out", required=True, help="report directory (ablation.md, ablation.csv, runs/)")
+    p.add_argument("--best", help="YAML of tuned values applied to every variant (-S still wins)")
+
+
 def _tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared data directory")
     p.add_argument("--out", required=True, help="YAML of the best values, read by `train --best`")
@@ -103,6 +118,11 @@ STAGES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable
     "tune": ("tune the loss weights with an Optuna study on the valid split", _tune_arguments, _tune),
     "train": ("train a model on the prepared train split, selecting on valid", _train_arguments, _train),
     "evaluate": ("evaluate a trained model on the test split", _evaluate_arguments, _evaluate),
+    "report": (
+        "ablation variants x seeds: train, test, and compare with full MDKAT",
+        _report_arguments,
+        _report,
+    ),
 }
 
 

@@ -172,6 +172,47 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class ReportBudget:
+    """Shorter training for the report's many runs; null keeps the `train` section's value."""
+
+    epochs: int | None
+    patience: int | None
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The ablation and multi-seed report (`mdkat.report`)."""
+
+    variants: tuple[str, ...]  # keys of mdkat.models.ABLATIONS
+    seeds: tuple[int, ...]  # train.seed of each run; the data stay the same
+    budget: ReportBudget
+    alpha: float  # significance level of the paired tests
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How much worse than the baseline each test metric may get before CI fails (absolute)."""
+
+    mae: float
+    corr: float
+    acc7: float
+    acc5: float
+    acc2_has0: float
+    f1_has0: float
+    acc2_non0: float
+    f1_non0: float
+
+
+@dataclass(frozen=True)
+class CiConfig:
+    """The CI profile (`mdkat.ci`): the real stages on a small problem, checked against a baseline."""
+
+    overrides: tuple[str, ...]  # `key=value`, as `-S`: what turns this file into the CI profile
+    baseline: str  # the committed test metrics of the CI profile, relative to the project root
+    tolerance: Tolerances
+
+
+@dataclass(frozen=True)
 class Params:
     """Everything in `params.yaml`."""
 
@@ -181,6 +222,8 @@ class Params:
     train: TrainConfig
     mlflow: MlflowConfig
     tune: TuneConfig
+    report: ReportConfig
+    ci: CiConfig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,12 +281,12 @@ def load_params(
     by_key = {}
     if best is not None:
         for key, value in read_best(best)["params"].items():
-            _set_dotted(raw, key, value, f"{best} (params)")
+            set_dotted(raw, key, value, f"{best} (params)")
             by_key[key] = f"{key}={value!r} from {best}"
     for item in overrides:
         key, value = parse_override(item)
         _check_key_exists(Params, key, f"override -S {item}")
-        _set_dotted(raw, key, value, f"{path} (override -S {item})")
+        set_dotted(raw, key, value, f"{path} (override -S {item})")
         by_key[key] = f"-S {item}"
     try:
         params = from_mapping(Params, raw, str(path))
@@ -258,7 +301,7 @@ def load_params(
 def _check_choices(params: Params, file: str) -> None:
     # Choices that a registry defines are checked against the registry itself, never a copy of its keys.
     from mdkat.metrics import METRIC_NAMES
-    from mdkat.models import REGISTRY
+    from mdkat.models import ABLATIONS, REGISTRY
 
     for key, value, choices in (
         ("model.name", params.model.name, sorted(REGISTRY)),
@@ -275,6 +318,15 @@ def _check_choices(params: Params, file: str) -> None:
         valid = 0 < item.low < item.high if item.log else item.low < item.high
         if not valid:
             raise ConfigError(f"{where}: expected low < high (and low > 0 on a log scale)", "tune.space")
+    for variant in params.report.variants:
+        if variant not in ABLATIONS:
+            raise ConfigError(
+                f"{file}: 'report.variants' expected items of {sorted(ABLATIONS)}, got {variant!r}",
+                "report.variants",
+            )
+    for item in params.ci.overrides:
+        key, _value = parse_override(item)
+        _check_key_exists(Params, key, f"{file}: 'ci.overrides' item {item!r}")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -290,7 +342,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
+def set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
+    """Set `raw[a][b]... = value` for the dotted key `a.b...`, creating sections; `where` names the source."""
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -405,7 +458,7 @@ def with_values(params: Params, values: typing.Mapping[str, Any], where: str = "
     raw = dataclasses.asdict(params)
     for key, value in values.items():
         _check_key_exists(Params, key, where)
-        _set_dotted(raw, key, value, where)
+        set_dotted(raw, key, value, where)
     result = from_mapping(Params, raw, where)
     _check_choices(result, where)
     return result

@@ -374,7 +374,8 @@ def tune(
         file=sys.stderr,
     )
     deadline = time.time() + tune_cfg.timeout_s if tune_cfg.timeout_s else None
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    # never more than this process may use (OMP_NUM_THREADS), shared among the workers
+    threads = max(1, min(torch.get_num_threads(), os.cpu_count() or 1) // workers)
 
     with contextlib.ExitStack() as stack:
         parent = (

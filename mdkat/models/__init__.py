@@ -16,6 +16,17 @@ from mdkat.models.output import ModelOutput
 
 REGISTRY: dict[str, type[nn.Module]] = {"mdkat": MDKAT, "late_fusion": LateFusion}
 
+# The ablation table's rows: the parameters each variant sets on top of the full model.
+ABLATIONS: dict[str, dict[str, object]] = {
+    "mdkat": {},
+    "no_cff": {"model.use_cff": False},
+    "no_amsa": {"model.use_amsa": False},
+    "no_ka": {"model.use_ka": False},
+    "no_kt": {"model.use_kt": False},
+    "no_decoupling": {"model.use_decoupling": False},
+    "late_fusion": {"model.name": "late_fusion"},
+}
+
 
 def build(cfg: ModelConfig, dims: dict[str, int]) -> nn.Module:
     """The model `cfg.name` for inputs of feature sizes `dims` ({modality: d_m})."""
@@ -27,4 +38,4 @@ def loss_terms(cfg: ModelConfig) -> tuple[str, ...]:
     return REGISTRY[cfg.name].loss_terms(cfg)
 
 
-__all__ = ["REGISTRY", "ModelOutput", "build", "loss_terms"]
+__all__ = ["ABLATIONS", "REGISTRY", "ModelOutput", "build", "loss_terms"]

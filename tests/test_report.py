@@ -1,0 +1,125 @@
+"""The ablation and multi-seed report: statistics against hand computations, resume, fingerprints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from mdkat.config import load_params, with_values
+from mdkat.data.prepare import prepare
+from mdkat.metrics import METRIC_NAMES
+from mdkat.models import ABLATIONS, REGISTRY
+from mdkat.report import fingerprint, report, run_params, summarize
+from tests.conftest import ROOT, small_data
+
+
+def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
+    """A runs table with every metric of a variant equal to its list (one value per seed)."""
+    rows = []
+    for variant, per_seed in values.items():
+        for seed, value in enumerate(per_seed, 1):
+            rows.append({"variant": variant, "seed": seed, **{m: value for m in METRIC_NAMES}})
+    return pd.DataFrame(rows)
+
+
+def test_summary_matches_hand_computed_paired_t_test():
+    # differences 1, 2, 3: mean 2, sd 1, t = 2 / (1 / sqrt 3) = 2 sqrt 3 with 2 degrees of freedom, where
+    # the two-sided p-value has the closed form 1 - |t| / sqrt(t^2 + 2) = 1 - sqrt(12 / 14)
+    table = summarize(_runs({"mdkat": [10.0, 20.0, 30.0], "no_ka": [11.0, 22.0, 33.0]}), alpha=0.05)
+    row = table[(table.variant == "no_ka") & (table.metric == "mae")].iloc[0]
+    assert row["mean"] == pytest.approx(22.0)
+    assert row["std"] == pytest.approx(11.0)  # sample std of 11, 22, 33
+    assert row["diff"] == pytest.approx(2.0)
+    assert row["diff_std"] == pytest.approx(1.0)
+    assert row["p_value"] == pytest.approx(1 - math.sqrt(12 / 14), rel=1e-9)
+    assert not row["significant"]  # p = 0.074
+    reference = table[table.variant == "mdkat"]
+    assert reference["diff"].isna().all() and reference["p_value"].isna().all()
+    assert len(table) == 2 * len(METRIC_NAMES)
+
+
+def test_identical_variants_are_not_significant_and_a_consistent_gap_is():
+    table = summarize(
+        _runs({"mdkat": [1.0, 2.0, 4.0], "no_kt": [1.0, 2.0, 4.0], "no_cff": [1.5, 2.49, 4.51]}), alpha=0.05
+    )
+    same = table[(table.variant == "no_kt") & (table.metric == "corr")].iloc[0]
+    assert same["diff"] == 0.0 and same["p_value"] == 1.0 and not same["significant"]
+    gap = table[(table.variant == "no_cff") & (table.metric == "corr")].iloc[0]
+    assert gap["diff"] == pytest.approx(0.5) and gap["significant"]
+
+
+def test_run_params_apply_the_variant_seed_and_budget():
+    params = load_params(ROOT / "params.yaml")
+    assert set(params.report.variants) <= set(ABLATIONS)
+    assert {v["model.name"] for v in ABLATIONS.values() if "model.name" in v} <= set(REGISTRY)
+    p = run_params(params, "no_decoupling", 1113)
+    assert p.model.use_decoupling is False and p.model.use_cff is True
+    assert p.train.seed == 1113
+    assert (p.train.epochs, p.train.patience) == (params.report.budget.epochs, params.report.budget.patience)
+    unbudgeted = with_values(params, {"report.budget.epochs": None, "report.budget.patience": None})
+    q = run_params(unbudgeted, "late_fusion", 1111)
+    assert q.model.name == "late_fusion"
+    assert (q.train.epochs, q.train.patience) == (params.train.epochs, params.train.patience)
+    # what the result depends on is in the fingerprint; where it is tracked is not
+    assert fingerprint(p, "x") != fingerprint(run_params(params, "no_decoupling", 1114), "x")
+    assert fingerprint(p, "x") != fingerprint(p, "y")
+    assert fingerprint(p, "x") == fingerprint(with_values(p, {"mlflow.experiment": "other"}), "x")
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    data = tmp_path / "data"
+    prepare(small_data(), data)
+    params = with_values(
+        load_params(ROOT / "params.yaml"),
+        {
+            "data.synthetic.n_train": 24,
+            "model.width": 16,
+            "model.heads": 2,
+            "train.device": "cpu",
+            "train.batch_size": 8,
+            "report.variants": ["mdkat", "no_kt", "late_fusion"],
+            "report.seeds": [1, 2],
+            "report.budget.epochs": 1,
+        },
+    )
+    return params, data
+
+
+def test_report_writes_tables_and_resumes_only_what_is_missing(tiny, tmp_path, capsys):
+    params, data = tiny
+    out = tmp_path / "report"
+    table = report(params, data, out, track=False)
+    runs = pd.read_csv(out / "runs.csv")
+    assert list(zip(runs.variant, runs.seed, strict=True)) == [
+        (v, s) for v in ("mdkat", "no_kt", "late_fusion") for s in (1, 2)
+    ]
+    saved = json.loads((out / "runs" / "no_kt-2.json").read_text())
+    assert runs[(runs.variant == "no_kt") & (runs.seed == 2)]["mae"].item() == pytest.approx(
+        saved["test"]["mae"]
+    )
+    means = table.set_index(["variant", "metric"])["mean"]
+    assert means[("late_fusion", "corr")] == pytest.approx(runs[runs.variant == "late_fusion"]["corr"].mean())
+    text = (out / "ablation.md").read_text()
+    assert "synthetic data" in text and "w/o KT" in text and "at most 1 epochs" in text
+    assert pd.read_csv(out / "ablation.csv").shape[0] == 3 * len(METRIC_NAMES)
+
+    # an interrupted report: one unit lost; a re-run trains only that unit and keeps the others' results
+    first = json.loads((out / "runs" / "mdkat-2.json").read_text())["test"]
+    (out / "runs" / "mdkat-2.json").unlink()
+    before = {p.name: p.read_text() for p in (out / "runs").glob("*.json")}
+    capsys.readouterr()
+    report(params, data, out, track=False)
+    err = capsys.readouterr().err
+    assert err.count("training") == 1 and "mdkat-2: training" in err
+    assert {p.name: p.read_text() for p in (out / "runs").glob("*.json") if p.name in before} == before
+    # the retrained unit repeats its first result exactly (same seed, CPU)
+    assert json.loads((out / "runs" / "mdkat-2.json").read_text())["test"] == first
+
+    # a changed budget changes what the results mean: every unit is trained again
+    capsys.readouterr()
+    report(with_values(params, {"report.budget.epochs": 2}), data, out, track=False)
+    assert capsys.readouterr().err.count(": training") == 6
