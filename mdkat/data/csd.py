@@ -11,6 +11,7 @@ video and the dataset, where the SDK would fail later with an unrelated exceptio
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -69,23 +70,29 @@ def read_csd_metadata(path: str | Path) -> dict[str, str]:
         return _read_metadata(_root(f, path))
 
 
-def _check_video(path: Path, video: str, intervals: np.ndarray, features: np.ndarray) -> None:
+def _check_shapes(path: Path, video: str, intervals: tuple[int, ...], features: tuple[int, ...]) -> None:
     where = f"{path}: video '{video}'"
-    if intervals.ndim != 2 or intervals.shape[1] != 2:
-        raise DataError(f"{where}: dataset 'intervals' must have shape (n, 2), got {intervals.shape}")
-    if features.ndim != 2:
-        raise DataError(f"{where}: dataset 'features' must have shape (n, d), got {features.shape}")
-    if features.shape[0] != intervals.shape[0]:
-        raise DataError(
-            f"{where}: dataset 'features' has {features.shape[0]} rows, 'intervals' has {intervals.shape[0]}"
-        )
+    if len(intervals) != 2 or intervals[1] != 2:
+        raise DataError(f"{where}: dataset 'intervals' must have shape (n, 2), got {intervals}")
+    if len(features) != 2:
+        raise DataError(f"{where}: dataset 'features' must have shape (n, d), got {features}")
+    if features[0] != intervals[0]:
+        raise DataError(f"{where}: dataset 'features' has {features[0]} rows, 'intervals' has {intervals[0]}")
+
+
+def _check_order(path: Path, video: str, intervals: np.ndarray) -> None:
     backwards = intervals[:, 0] > intervals[:, 1]  # (n,)
     if backwards.any():
         row = int(np.flatnonzero(backwards)[0])
         raise DataError(
-            f"{where}: dataset 'intervals' row {row} starts after it ends: {intervals[row].tolist()} "
-            f"({int(backwards.sum())} such rows)"
+            f"{path}: video '{video}': dataset 'intervals' row {row} starts after it ends: "
+            f"{intervals[row].tolist()} ({int(backwards.sum())} such rows)"
         )
+
+
+def _check_video(path: Path, video: str, intervals: np.ndarray, features: np.ndarray) -> None:
+    _check_shapes(path, video, intervals.shape, features.shape)
+    _check_order(path, video, intervals)
 
 
 def _missing(path: Path, data: h5py.Group, video: str, name: str) -> DataError:
@@ -98,9 +105,12 @@ def _missing(path: Path, data: h5py.Group, video: str, name: str) -> DataError:
     return DataError(f"{path}: video '{video}': dataset '{name}' is missing")
 
 
-def _read_dataset(
-    data: h5py.Group, raw: BinaryIO, video: str, name: str, types: dict[str, tuple[Any, np.dtype]]
-) -> np.ndarray:
+# What `_locate` finds of a dataset: shape, numpy dtype, and either the file offset of its bytes or the
+# open dataset to read through HDF5.
+Located = tuple[tuple[int, ...], np.dtype, int | None, Any]
+
+
+def _locate(data: h5py.Group, video: str, name: str, types: dict[str, tuple[Any, np.dtype]]) -> Located:
     # The low-level API: h5py's high-level objects cost several times the read itself for the small
     # per-video datasets of a .csd file, and a file holds thousands of them.
     dataset = h5py.h5d.open(data.id, f"{video}/{name}".encode())
@@ -109,40 +119,77 @@ def _read_dataset(
     known = types.get(name)
     if known is None or tid != known[0]:
         known = types[name] = (tid, tid.dtype)
-    out = np.empty(dataset.shape, dtype=known[1])
+    shape, dtype = dataset.shape, known[1]
     # Contiguous numeric data (the SDK's layout) is stored as plain bytes in the dataset's own byte order
-    # (which `dataset.dtype` reports); one read of them skips H5Dread's set-up, which costs more than the
-    # copy itself here. Chunked, compact, external or unwritten data has no offset and takes H5Dread.
-    offset = dataset.get_offset() if out.dtype.kind in "biuf" and out.nbytes else None
-    if offset is not None and dataset.get_storage_size() == out.nbytes:
+    # (which `dtype` gives); one read of them skips H5Dread's set-up, which costs more than the copy itself
+    # here. Chunked, compact, external or unwritten data has no offset or another size and takes H5Dread.
+    if dtype.kind in "biuf":
+        nbytes = dtype.itemsize * math.prod(shape)
+        offset = dataset.get_offset() if nbytes else None
+        if offset is not None and dataset.get_storage_size() == nbytes:
+            return shape, dtype, offset, None
+    return shape, dtype, None, dataset
+
+
+def _read(raw: BinaryIO, data: h5py.Group, video: str, name: str, located: Located, out: np.ndarray) -> None:
+    """Read one dataset into `out` (C-contiguous, as H5Dread needs), from its offset where it has one."""
+    _, _, offset, dataset = located
+    if offset is not None:
         raw.seek(offset)
         if raw.readinto(out.reshape(-1).view(np.uint8)) == out.nbytes:
-            return out
+            return
+        dataset = h5py.h5d.open(data.id, f"{video}/{name}".encode())
     dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
-    return out
 
 
 def read_csd(path: str | Path) -> Sequence:
-    """Read a `.csd` file into {video_id: (intervals (n, 2) float64, features (n, d) as stored)}."""
+    """Read a `.csd` file into {video_id: (intervals (n, 2) float64, features (n, d) as stored)}.
+
+    The intervals of all videos are views of one array (one per stored dtype), read and checked at once.
+    """
     path = Path(path)
-    out: Sequence = {}
     with _open(path) as f, open(path, "rb", buffering=0) as raw:
         root = _root(f, path)
         data = root.get("data")
         if not isinstance(data, h5py.Group):
             raise DataError(f"{path}: group '{root.name}/data' is missing")
         types: dict[str, tuple[Any, np.dtype]] = {}
-        for video in data.keys():
-            arrays = []
-            for name in ("intervals", "features"):
-                try:
-                    arrays.append(_read_dataset(data, raw, video, name, types))
-                except KeyError:
-                    raise _missing(path, data, video, name) from None
-            intervals = np.asarray(arrays[0], dtype=np.float64)
-            features = arrays[1]
-            _check_video(path, video, intervals, features)
-            out[video] = (intervals, features)
+        videos = list(data.keys())
+        # Every dataset is located and checked first, so that the intervals can be read into one array.
+        found: list[tuple[Located, Located]] = []
+        for video in videos:
+            try:
+                name = "intervals"
+                intervals = _locate(data, video, name, types)
+                name = "features"
+                features = _locate(data, video, name, types)
+            except KeyError:
+                raise _missing(path, data, video, name) from None
+            _check_shapes(path, video, intervals[0], features[0])
+            found.append((intervals, features))
+        by_dtype: dict[np.dtype, list[int]] = {}
+        for i, (intervals, _) in enumerate(found):
+            by_dtype.setdefault(intervals[1], []).append(i)
+        views: list[np.ndarray] = [np.empty((0, 2))] * len(videos)
+        for dtype, which in by_dtype.items():
+            rows = np.cumsum([0] + [found[i][0][0][0] for i in which]).tolist()
+            block = np.empty((rows[-1], 2), dtype=dtype)  # (sum of n, 2)
+            for i, a, b in zip(which, rows[:-1], rows[1:], strict=True):
+                _read(raw, data, videos[i], "intervals", found[i][0], block[a:b])
+            block = block.astype(np.float64, copy=False)
+            backwards = np.flatnonzero(block[:, 0] > block[:, 1])
+            if len(backwards):
+                k = int(np.searchsorted(rows, backwards[0], side="right")) - 1
+                _check_order(path, videos[which[k]], block[rows[k] : rows[k + 1]])
+            for i, a, b in zip(which, rows[:-1], rows[1:], strict=True):
+                views[i] = block[a:b]
+        # The features stay one array per video: one array for a whole file would be fresh memory for
+        # every file read, where separate arrays of a few MiB reuse what the process freed before.
+        out: Sequence = {}
+        for video, intervals, (_, features) in zip(videos, views, found, strict=True):
+            array = np.empty(features[0], dtype=features[1])  # (n, d)
+            _read(raw, data, video, "features", features, array)
+            out[video] = (intervals, array)
     return out
 
 
