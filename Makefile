@@ -11,11 +11,13 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 repro: setup
 	dvc repro
 
-# then the CI profile (ci.overrides in params.yaml) twice in fresh copies: no regression against
-# ci/baseline.json, identical metrics both times, and the comparison notebook runs on its results
+# the layering contracts (pyproject.toml), the tests on both cores, then the CI profile (ci.overrides in
+# params.yaml) twice in fresh copies: no regression against ci/baseline.json, identical metrics both
+# times, and the comparison notebook runs on its results
 test: setup
 	ruff check .
-	pytest -q
+	lint-imports
+	pytest -q -n 2
 	python -m mdkat.ci run --out .ci-runs/first
 	python -m mdkat.ci run --out .ci-runs/second
 	python -m mdkat.ci check --now .ci-runs/first --repeat .ci-runs/second

@@ -6,7 +6,7 @@ unless overridden with -S. Step times are medians (CPU step times can be bimodal
 Prints {"train_samples_per_s", "infer_samples_per_s", "peak_rss_mb", "params", ...} with --json.
 
     python bench/throughput.py --model mdkat --batch 64 --threads 2 --steps 30 --warmup 5 --json
-    python bench/throughput.py --model mdkat -S model.use_cff=false --json
+    python bench/throughput.py --model mdkat -S model.mdkat.use_cff=false --json
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from mdkat.config import load_params
+from mdkat.checks import load_checked
 from mdkat.data import Batch
 from mdkat.models import REGISTRY, build
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    params = load_params(args.params, [f"model.name={args.model}", *args.overrides])
+    params = load_checked(args.params, [f"model.name={args.model}", *args.overrides], data=False)
     device = torch.device(args.device)
     steps = (
         {"text": 50, "audio": 375, "vision": 500}
@@ -81,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     train_batch = random_batch(args.batch, steps, generator, device)
     infer_batch = random_batch(args.infer_batch, steps, generator, device)
 
-    model = build(params.model, DIMS).to(device)
+    model = build(params, DIMS).to(device)
+    weights = params.weights()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def train_step() -> None:
         model.train()
-        total, _ = model.loss(model(train_batch), train_batch, params.loss)
+        total, _ = model.loss(model(train_batch), train_batch, weights)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()

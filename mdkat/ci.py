@@ -8,7 +8,8 @@
 `run` copies the repository's files (tracked and untracked, not ignored) to DIR, writes the CI profile
 (`ci.overrides` applied to `params.yaml`) there and runs `dvc repro` in it, with fresh MLflow and Optuna
 stores: the committed `dvc.lock` and the studies and runs of the working copy stay untouched. The check
-fails when a test metric is worse than the baseline by more than its `ci.tolerance`, when the baseline was
+fails when a test metric is worse than the baseline by more than its tolerance (`Metric.ci_tolerance` in
+`mdkat.metrics`), when the baseline was
 made for another profile, and (with `--repeat`) when two runs of the profile differ at all, since on a CPU
 the same seeds must give the same numbers.
 """
@@ -29,12 +30,11 @@ from typing import Any
 
 import yaml
 
+from mdkat.checks import load_checked
 from mdkat.config import Params, load_params, parse_override, set_dotted
 from mdkat.errors import MdkatError
-from mdkat.io import atomic_open, write_json
-from mdkat.metrics import METRIC_NAMES
-from mdkat.tracking import project_root
-from mdkat.training import LOWER_IS_BETTER
+from mdkat.io import atomic_open, project_root, write_json
+from mdkat.metrics import METRIC_NAMES, METRICS, worsening
 
 METRICS_FILE = Path("metrics") / "test.json"  # written by the evaluate stage (dvc.yaml)
 NOTEBOOK = Path("notebooks") / "compare_runs.ipynb"
@@ -78,7 +78,7 @@ def run(out: str | Path, extra: Sequence[str] = (), root: Path | None = None) ->
         shutil.copy2(root / rel, out / rel)
     profile = profile_params(root / "params.yaml", extra)
     (out / "params.yaml").write_text(profile)
-    load_params(out / "params.yaml")  # a broken profile fails here, naming the key, not deep in a stage
+    load_checked(out / "params.yaml")  # a broken profile fails here, naming the key, not deep in a stage
     # the copy is not a git repository; DVC then needs to be told to work without one
     with open(out / ".dvc" / "config.local", "a") as f:
         f.write("[core]\n    no_scm = true\n")
@@ -107,22 +107,21 @@ def read_test_metrics(run_dir: str | Path) -> dict[str, float]:
         raise MdkatError(f"{path}: no test metrics ({e!r}); run `python -m mdkat.ci run` first") from None
 
 
-def compare(baseline: dict[str, float], now: dict[str, float], params: Params) -> list[dict[str, Any]]:
+def compare(baseline: dict[str, float], now: dict[str, float]) -> list[dict[str, Any]]:
     """One row per metric: baseline, now, delta, tolerance and verdict (ok, better, REGRESSION)."""
     rows = []
-    for metric in METRIC_NAMES:
-        base, value = baseline.get(metric), now.get(metric)
-        tolerance = getattr(params.ci.tolerance, metric)
+    for metric in METRICS:
+        base, value, tolerance = baseline.get(metric.name), now.get(metric.name), metric.ci_tolerance
         if base is None or value is None or math.isnan(value):
             verdict = "REGRESSION" if base is not None and not math.isnan(base) else "ok"
             delta = math.nan
         else:
             delta = value - base
-            worse = delta if metric in LOWER_IS_BETTER else -delta  # > 0: worse
+            worse = worsening(metric.name, value, base)
             verdict = "REGRESSION" if worse > tolerance else "better" if worse < -tolerance else "ok"
         rows.append(
             {
-                "metric": metric,
+                "metric": metric.name,
                 "baseline": base,
                 "now": value,
                 "delta": delta,
@@ -173,13 +172,13 @@ def check(now_dir: Path, params_file: Path, repeat_dir: Path | None = None) -> b
     params = load_params(params_file)
     baseline_file = params_file.parent / params.ci.baseline
     now = read_test_metrics(now_dir)
-    rows = compare(read_baseline(baseline_file, params), now, params)
+    rows = compare(read_baseline(baseline_file, params), now)
     print(f"CI profile test metrics of {now_dir} against {baseline_file}:")
     print(format_table(rows))
     ok = all(r["verdict"] != "REGRESSION" for r in rows)
     if not ok:
         bad = ", ".join(r["metric"] for r in rows if r["verdict"] == "REGRESSION")
-        print(f"FAILED: {bad} worse than the baseline beyond tolerance (ci.tolerance in {params_file})")
+        print(f"FAILED: {bad} worse than the baseline beyond tolerance (ci_tolerance in mdkat/metrics.py)")
     if repeat_dir is not None:
         again = read_test_metrics(repeat_dir)
         differ = [m for m in METRIC_NAMES if not _same(now.get(m), again.get(m))]

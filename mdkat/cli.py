@@ -1,8 +1,9 @@
 """Command line of the pipeline's stages: `mdkat <stage> ...`, also behind each `stages/<stage>.py`.
 
 Every stage takes `--params FILE` (default `params.yaml`) and repeated `-S section.key=value` overrides
-(the syntax of `dvc exp run -S`). Errors caused by input or configuration print one clear line and exit
-with status 1 instead of a traceback.
+(the syntax of `dvc exp run -S`). The parameters are read, then checked by the registries the stage uses
+(data sources, models), before any work starts. Errors caused by input or configuration print one clear
+line and exit with status 1 instead of a traceback.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
-from mdkat.config import Params, load_params
+from mdkat.checks import load_checked
+from mdkat.config import Params
 from mdkat.errors import MdkatError
 
 
@@ -74,12 +77,12 @@ def _tune(args: argparse.Namespace, params: Params) -> str:
 
 
 def _report(args: argparse.Namespace, params: Params) -> str:
-    from mdkat.report import REFERENCE, report
+    from mdkat.report import report
 
     table = report(params, args.data, args.out).set_index(["variant", "metric"])
     mae = ", ".join(f"{v} {table.loc[(v, 'mae'), 'mean']:.4f}" for v in params.report.variants)
     seeds = len(params.report.seeds)
-    return f"test MAE (mean over {seeds} seeds): {mae}; {REFERENCE} is the reference -> {args.out}"
+    return f"test MAE (mean over {seeds} seeds): {mae}; {params.model.name} is the reference -> {args.out}"
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,20 +111,46 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plots", required=True, help="directory for predictions.csv and figures")
 
 
-# stage name -> (help, argument adder, runner); the console script and stages/*.py share it
-STAGES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., str]]] = {
-    "prepare": (
+class Stage(NamedTuple):
+    """One sub-command: its help, its arguments, what it runs, and the registry checks of its params."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[..., str]
+    checks: dict[str, bool]  # keyword arguments of mdkat.checks.check
+
+
+# the console script and stages/*.py share this table
+STAGES: dict[str, Stage] = {
+    "prepare": Stage(
         "write the prepared data format from data.source",
         lambda p: p.add_argument("--out", required=True, help="output directory"),
         _prepare,
+        {"models": False},  # no torch, no model: the data stage depends on the data code only
     ),
-    "tune": ("tune the loss weights with an Optuna study on the valid split", _tune_arguments, _tune),
-    "train": ("train a model on the prepared train split, selecting on valid", _train_arguments, _train),
-    "evaluate": ("evaluate a trained model on the test split", _evaluate_arguments, _evaluate),
-    "report": (
-        "ablation variants x seeds: train, test, and compare with full MDKAT",
+    "tune": Stage(
+        "tune the loss weights with an Optuna study on the valid split",
+        _tune_arguments,
+        _tune,
+        {"data": False},
+    ),
+    "train": Stage(
+        "train a model on the prepared train split, selecting on valid",
+        _train_arguments,
+        _train,
+        {"data": False},
+    ),
+    "evaluate": Stage(
+        "evaluate a trained model on the test split",
+        _evaluate_arguments,
+        _evaluate,
+        {"data": False, "models": False},  # the model file says which model it is
+    ),
+    "report": Stage(
+        "ablation variants x seeds: train, test, and compare with the chosen model",
         _report_arguments,
         _report,
+        {"data": False, "variants": True},
     ),
 }
 
@@ -130,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The `mdkat` argument parser, one sub-command per stage."""
     parser = argparse.ArgumentParser(prog="mdkat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True)
-    for name, (help_text, add_arguments, _run) in STAGES.items():
-        stage = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(stage)
-        _common(stage)
+    for name, stage in STAGES.items():
+        sub_parser = sub.add_parser(name, help=stage.help, description=stage.help)
+        stage.arguments(sub_parser)
+        _common(sub_parser)
     return parser
 
 
@@ -142,8 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        params = load_params(args.params, args.overrides, best=getattr(args, "best", None))
-        summary = STAGES[args.stage][2](args, params)
+        stage = STAGES[args.stage]
+        params = load_checked(args.params, args.overrides, getattr(args, "best", None), **stage.checks)
+        summary = stage.run(args, params)
     except MdkatError as e:
         print(f"mdkat {args.stage}: error: {e}", file=sys.stderr)
         return 1

@@ -6,7 +6,6 @@ table or None, so that the notebook runs on a project with any subset of the sta
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,8 +14,11 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from mdkat.config import load_params, read_best
+from mdkat.io import project_root
 from mdkat.metrics import METRIC_NAMES
-from mdkat.tracking import project_root, redact
+from mdkat.redact import redact
+from mdkat.study_storage import open_storage, storage_path
+from mdkat.tracking import tracking_uri
 
 if TYPE_CHECKING:
     import optuna
@@ -31,20 +33,14 @@ ABLATION_CSV = "reports/ablation.csv"
 RUN_COLUMNS = ["run_id", "run_name", "kind", "status", "start_time", "model", "variant", "seed"]
 
 
-def _uri(root: Path) -> str | None:
-    # mdkat.tracking.tracking_uri() takes the project from the cwd; here it is an argument
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    db = root / "mlflow.db"
-    # a missing database would be created (and migrated) by merely opening it
-    return f"sqlite:///{db}" if db.exists() else None
-
-
 def _client(root: Path):
     from mlflow.tracking import MlflowClient
 
-    uri = _uri(root)
-    return MlflowClient(uri) if uri else None
+    uri = tracking_uri(root)
+    # a missing sqlite store would be created (and migrated) by merely opening it
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    return MlflowClient(uri)
 
 
 def _kind(tags: dict[str, str]) -> str:
@@ -158,8 +154,6 @@ def load_study(project: Path | str) -> optuna.Study | None:
     """The Optuna study named in `tuning/best.yaml`, from `tune.storage`; None (saying why) if missing."""
     import optuna
 
-    from mdkat.tuning import open_storage
-
     root = project_root(project)
     best_file = root / "tuning" / "best.yaml"
     if not best_file.exists():
@@ -170,19 +164,14 @@ def load_study(project: Path | str) -> optuna.Study | None:
         print(f"{best_file} names no study (no study_name)")
         return None
     tune = load_params(root / "params.yaml").tune
-    storage = tune.storage
-    for prefix in ("sqlite:///", "journal:"):
-        if storage.startswith(prefix):
-            path = Path(storage.removeprefix(prefix))
-            path = path if path.is_absolute() else root / path
-            if not path.exists():  # opening it would create an empty storage
-                print(f"no Optuna storage {path} (tune.storage {storage!r})")
-                return None
-            storage = f"{prefix}{path}"
+    path = storage_path(tune.storage, root)
+    if path is not None and not path.exists():  # opening it would create an empty storage
+        print(f"no Optuna storage {path} (tune.storage {tune.storage!r})")
+        return None
     try:
-        return optuna.load_study(study_name=name, storage=open_storage(storage, tune.heartbeat_s))
+        return optuna.load_study(study_name=name, storage=open_storage(tune.storage, tune.heartbeat_s, root))
     except KeyError:
-        print(f"study {name!r} of {best_file} is not in {redact(storage)}")
+        print(f"study {name!r} of {best_file} is not in {redact(tune.storage)}")
         return None
 
 

@@ -1,24 +1,33 @@
-"""`params.yaml`, read once into frozen dataclasses.
+"""`params.yaml`, read once into a frozen, validated schema (pydantic, strict).
 
-Every key the pipeline reads is declared here with its type, and nowhere else has a default: the values
-live in `params.yaml` (the single source of truth that DVC tracks). Loading rejects unknown keys, missing
-keys and wrong types with a message naming the file and the dotted key. `-S section.key=value` overrides
-use the syntax of `dvc exp run -S`: the value is parsed as a YAML scalar (`3`, `1e-4`, `true`, `null`).
+Every key the pipeline reads is declared here with its type and range, and nowhere else has a default: the
+values live in `params.yaml` (the single source of truth that DVC tracks). Loading rejects unknown keys,
+missing keys, wrong types and out-of-range values with a message naming the file and the dotted key (and,
+for a value set by `-S` or a `--best` file, where it came from). `-S section.key=value` overrides use the
+syntax of `dvc exp run -S`: the value is parsed as a YAML scalar (`3`, `1e-4`, `true`, `null`).
+
+This module knows keys, types and ranges, not the registries: `model.<name>` sections are kept as plain
+mappings here and validated by the model's own config type, and choices such as `model.name`,
+`data.source` or `report.variants` are checked by the registry that defines them
+(`mdkat.models.check_params`, `mdkat.data.sources.check_params`), before any work starts. So reading the
+parameters imports neither torch nor any model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import types
 import typing
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 
+from mdkat import MODALITIES
 from mdkat.errors import MdkatError
+from mdkat.metrics import METRIC_NAMES
 
 
 class ConfigError(MdkatError):
@@ -29,43 +38,70 @@ class ConfigError(MdkatError):
         self.key = key
 
 
-@dataclass(frozen=True)
-class PerModality:
-    """One integer per named modality (feature dims, sequence lengths)."""
+class Section(BaseModel):
+    """A frozen part of the parameters: strict types, no unknown keys."""
 
-    text: int
-    audio: int
-    vision: int
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
-@dataclass(frozen=True)
-class UnalignedLengths:
+def _list_to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # YAML has lists; frozen sections hold tuples
+
+
+T = typing.TypeVar("T")
+Items = Annotated[tuple[T, ...], BeforeValidator(_list_to_tuple)]
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, lt=1)]  # dropout rates, momenta: 1 would switch everything off
+MetricName = Literal[METRIC_NAMES]
+
+
+class PerModality(Section):
+    """One positive integer per named modality (feature dims, sequence lengths, kernels)."""
+
+    text: Positive
+    audio: Positive
+    vision: Positive
+
+
+class PerModalityRate(Section):
+    """One probability per named modality (dropout rates)."""
+
+    text: Probability
+    audio: Probability
+    vision: Probability
+
+
+for _cls in (PerModality, PerModalityRate):  # the modalities are named once, in mdkat.MODALITIES
+    assert tuple(_cls.model_fields) == MODALITIES, _cls
+
+
+class UnalignedLengths(Section):
     """Audio and vision steps of unaligned data; text keeps `data.seq_len` steps (one per token)."""
 
-    audio: int
-    vision: int
+    audio: Positive
+    vision: Positive
 
 
-@dataclass(frozen=True)
-class SyntheticConfig:
+class SyntheticConfig(Section):
     """The synthetic data generator (see `mdkat.data.synthetic`)."""
 
-    n_train: int
-    n_valid: int
-    n_test: int
+    n_train: Positive
+    n_valid: Positive
+    n_test: Positive
     dims: PerModality
     aligned: bool
     unaligned_len: UnalignedLengths
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     """Where the data comes from and how it is shaped (`prepare` stage)."""
 
-    source: Literal["synthetic", "mmsa", "cmu-sdk"]
+    source: str  # a key of mdkat.data.sources.SOURCES
     dataset: Literal["mosi", "mosei"]
     seed: int
-    seq_len: int
+    seq_len: Positive
     path: str | None
     url: str | None
     sha256: str | None
@@ -73,80 +109,47 @@ class DataConfig:
     csd_dir: str | None
     cache_dir: str
     mosi_feature_subset: bool
-    download_retries: int
-    download_timeout_s: float
+    download_retries: NonNegative
+    download_timeout_s: PositiveFloat
     synthetic: SyntheticConfig
 
 
-@dataclass(frozen=True)
-class ModalityFloats:
-    """One number per named modality (dropout rates)."""
+class ModelSection(Section):
+    """`model.name` and one mapping per model (`model.<name>`), validated by that model's config type."""
 
-    text: float
-    audio: float
-    vision: float
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The network (`mdkat.models`): sizes, module switches for ablations, module hyper-parameters."""
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
 
     name: str  # a key of mdkat.models.REGISTRY
-    width: int
-    heads: int
-    layers: int
-    conv_kernel: PerModality
-    input_dropout: ModalityFloats
-    dropout: float
-    amsa_threshold: float
-    ka_temperature: float
-    kt_temperature: float
-    kt_momentum: float
-    use_cff: bool
-    use_amsa: bool
-    use_ka: bool
-    use_kt: bool
-    use_decoupling: bool
+
+    def sections(self) -> dict[str, Any]:
+        """`{model name: its raw mapping}` for every model section in the file."""
+        return dict(self.model_extra or {})
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    """Weights of the loss terms next to the task L1 (weight 1): what Optuna tunes."""
-
-    unimodal: float
-    rec: float
-    orth: float
-    ka: float
-    kt: float
-
-
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """The training loop (`mdkat.training.fit`)."""
 
     seed: int
     device: Literal["auto", "cpu", "cuda"]
-    epochs: int
-    batch_size: int
-    eval_batch_size: int
-    lr: float
-    weight_decay: float
-    grad_clip: float
-    lr_patience: int
-    lr_factor: float
-    patience: int
-    select_on: str  # a key of mdkat.metrics.regression_metrics
+    epochs: Positive
+    batch_size: Positive
+    eval_batch_size: Positive
+    lr: PositiveFloat
+    weight_decay: Annotated[float, Field(ge=0)]
+    grad_clip: PositiveFloat
+    lr_patience: NonNegative
+    lr_factor: Annotated[float, Field(gt=0, lt=1)]
+    patience: Positive
+    select_on: MetricName
 
 
-@dataclass(frozen=True)
-class MlflowConfig:
+class MlflowConfig(Section):
     """Where runs are recorded (the tracking URI comes from MLFLOW_TRACKING_URI, see mdkat.tracking)."""
 
     experiment: str
 
 
-@dataclass(frozen=True)
-class SearchRange:
+class SearchRange(Section):
     """One tuned parameter: a dotted key of this file and its range."""
 
     key: str
@@ -155,75 +158,78 @@ class SearchRange:
     log: bool
 
 
-@dataclass(frozen=True)
-class TuneConfig:
+class TuneConfig(Section):
     """The Optuna study over the loss weights (`mdkat.tuning`)."""
 
     study_name: str  # a short hash of everything the objective depends on is appended
     storage: str  # sqlite:///optuna.db | journal:PATH | an RDB URL such as postgresql://...
-    n_trials: int
-    timeout_s: float | None
-    epochs: int  # per trial
-    metric: str  # validation metric to optimise (a key of mdkat.metrics.regression_metrics)
+    n_trials: Positive
+    timeout_s: PositiveFloat | None
+    epochs: Positive  # per trial
+    metric: MetricName
     seed: int
     pruner: Literal["median", "hyperband", "none"]
-    heartbeat_s: int  # RDB storages: a trial whose worker is silent this long is failed
-    space: tuple[SearchRange, ...]
+    heartbeat_s: Positive  # RDB storages: a trial whose worker is silent this long is failed
+    # ranges of other models' sections, and weights of switched-off loss terms, are left out of a study
+    space: Items[SearchRange]
 
 
-@dataclass(frozen=True)
-class ReportBudget:
+class ReportBudget(Section):
     """Shorter training for the report's many runs; null keeps the `train` section's value."""
 
-    epochs: int | None
-    patience: int | None
+    epochs: Positive | None
+    patience: Positive | None
 
 
-@dataclass(frozen=True)
-class ReportConfig:
+class ReportConfig(Section):
     """The ablation and multi-seed report (`mdkat.report`)."""
 
-    variants: tuple[str, ...]  # keys of mdkat.models.ABLATIONS
-    seeds: tuple[int, ...]  # train.seed of each run; the data stay the same
+    variants: Items[str]  # registry models and ablations of `model.name` (mdkat.models.check_params)
+    seeds: Items[int]  # train.seed of each run; the data stay the same
     budget: ReportBudget
-    alpha: float  # significance level of the paired tests
+    alpha: Annotated[float, Field(gt=0, lt=1)]  # significance level of the paired tests
 
 
-@dataclass(frozen=True)
-class Tolerances:
-    """How much worse than the baseline each test metric may get before CI fails (absolute)."""
-
-    mae: float
-    corr: float
-    acc7: float
-    acc5: float
-    acc2_has0: float
-    f1_has0: float
-    acc2_non0: float
-    f1_non0: float
-
-
-@dataclass(frozen=True)
-class CiConfig:
+class CiConfig(Section):
     """The CI profile (`mdkat.ci`): the real stages on a small problem, checked against a baseline."""
 
-    overrides: tuple[str, ...]  # `key=value`, as `-S`: what turns this file into the CI profile
+    overrides: Items[str]  # `key=value`, as `-S`: what turns this file into the CI profile
     baseline: str  # the committed test metrics of the CI profile, relative to the project root
-    tolerance: Tolerances
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(Section):
     """Everything in `params.yaml`."""
 
     data: DataConfig
-    model: ModelConfig
-    loss: LossConfig
+    model: ModelSection
+    # loss.<model>.<term>: the weight of each loss term next to the task L1 (weight 1); Optuna tunes them
+    loss: dict[str, dict[str, float]]
     train: TrainConfig
     mlflow: MlflowConfig
     tune: TuneConfig
     report: ReportConfig
     ci: CiConfig
+
+    _file: str = PrivateAttr(default="params")
+    _set_by: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def file(self) -> str:
+        """The parameter file (or other source) these values were read from, for messages."""
+        return self._file
+
+    def origin(self, key: str) -> str | None:
+        """The override or `--best` file that set `key` (or a section above it), if one did."""
+        related = (k for k in self._set_by if key == k or key.startswith(k + ".") or k.startswith(key + "."))
+        return next((self._set_by[k] for k in related), None)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A `ConfigError` for `key` that names the file and, if an override set it, the override."""
+        return with_origin(ConfigError(f"{self._file}: '{key}' {message}", key), self.origin(key))
+
+    def weights(self, model: str | None = None) -> dict[str, float]:
+        """The loss weights of `model` (default: `model.name`): `{term: weight}`."""
+        return dict(self.loss.get(model or self.model.name, {}))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,18 +261,19 @@ def _read_yaml(path: Path, what: str) -> Any:
 
 
 def read_best(path: str | Path) -> dict[str, Any]:
-    """The tuned values of a `--best` file: `{params: {dotted.key: value}, metric, value, trial, ...}`."""
+    """The tuned values of a `--best` file: `{params: {dotted.key: value}, metric, value, trial, ...}`.
+
+    Its keys are checked where they are applied (`load_params`): an unknown key is an error there.
+    """
     path = Path(path)
     best = _read_yaml(path, "file of tuned values")
     if not isinstance(best, dict) or not isinstance(best.get("params"), dict):
         raise ConfigError(f"{path}: expected a mapping with a 'params' mapping of dotted keys to values")
-    for key in best["params"]:
-        _check_key_exists(Params, str(key), f"{path} (params)")
     return best
 
 
 def load_params(
-    path: str | Path = "params.yaml", overrides: typing.Sequence[str] = (), best: str | Path | None = None
+    path: str | Path = "params.yaml", overrides: Sequence[str] = (), best: str | Path | None = None
 ) -> Params:
     """Read `path`, apply the tuned values of `best`, then `-S key=value` overrides; validate into `Params`.
 
@@ -278,55 +285,33 @@ def load_params(
         raise ConfigError(
             f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}"
         )
-    by_key = {}
+    set_by: dict[str, str] = {}
     if best is not None:
         for key, value in read_best(best)["params"].items():
-            set_dotted(raw, key, value, f"{best} (params)")
-            by_key[key] = f"{key}={value!r} from {best}"
+            set_dotted(raw, str(key), value, f"{best} (params)")
+            set_by[str(key)] = f"{key}={value!r} from {best}"
     for item in overrides:
         key, value = parse_override(item)
-        _check_key_exists(Params, key, f"override -S {item}")
         set_dotted(raw, key, value, f"{path} (override -S {item})")
-        by_key[key] = f"-S {item}"
+        set_by[key] = f"-S {item}"
+    return validate(raw, str(path), set_by)
+
+
+def validate(raw: Mapping[str, Any], file: str, set_by: Mapping[str, str] | None = None) -> Params:
+    """`Params` from a nested mapping; a `ConfigError` naming `file` and the first offending key."""
     try:
-        params = from_mapping(Params, raw, str(path))
-        _check_choices(params, str(path))
-    except ConfigError as e:
-        if e.key in by_key:
-            raise ConfigError(f"{e} (set by {by_key[e.key]})", e.key) from None
-        raise
+        params = Params.model_validate(raw)
+    except ValidationError as e:
+        error = translate(e, Params, file)
+        raise with_origin(error, (set_by or {}).get(error.key or "")) from None
+    params._file = file
+    params._set_by = dict(set_by or {})
     return params
 
 
-def _check_choices(params: Params, file: str) -> None:
-    # Choices that a registry defines are checked against the registry itself, never a copy of its keys.
-    from mdkat.metrics import METRIC_NAMES
-    from mdkat.models import ABLATIONS, REGISTRY
-
-    for key, value, choices in (
-        ("model.name", params.model.name, sorted(REGISTRY)),
-        ("train.select_on", params.train.select_on, list(METRIC_NAMES)),
-        ("tune.metric", params.tune.metric, list(METRIC_NAMES)),
-    ):
-        if value not in choices:
-            raise ConfigError(f"{file}: '{key}' expected one of {choices}, got {value!r}", key)
-    flat = to_flat_dict(params)
-    for i, item in enumerate(params.tune.space):
-        where = f"{file}: 'tune.space[{i}]'"
-        if not isinstance(flat.get(item.key), float):
-            raise ConfigError(f"{where}: key {item.key!r} is not a numeric (float) parameter", "tune.space")
-        valid = 0 < item.low < item.high if item.log else item.low < item.high
-        if not valid:
-            raise ConfigError(f"{where}: expected low < high (and low > 0 on a log scale)", "tune.space")
-    for variant in params.report.variants:
-        if variant not in ABLATIONS:
-            raise ConfigError(
-                f"{file}: 'report.variants' expected items of {sorted(ABLATIONS)}, got {variant!r}",
-                "report.variants",
-            )
-    for item in params.ci.overrides:
-        key, _value = parse_override(item)
-        _check_key_exists(Params, key, f"{file}: 'ci.overrides' item {item!r}")
+def with_origin(error: ConfigError, origin: str | None) -> ConfigError:
+    """`error` with "(set by ORIGIN)" appended when an override or a `--best` file set the key."""
+    return ConfigError(f"{error} (set by {origin})", error.key) if origin else error
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -349,116 +334,137 @@ def set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is not a section")
+            # `data.seed.x`: 'data.seed' is a value, so 'data.seed.x' is no key of the schema
+            raise ConfigError(f"{where}: unknown key '{key}' ('{'.'.join(parts[: i + 1])}' is not a section)")
         node = child
     node[parts[-1]] = value
 
 
-def _check_key_exists(cls: type, key: str, where: str) -> None:
-    hints = typing.get_type_hints(cls)
-    for i, part in enumerate(key.split(".")):
-        if not (dataclasses.is_dataclass(cls) and part in hints):
-            prefix = ".".join(key.split(".")[:i])
-            known = ", ".join(sorted(hints)) if dataclasses.is_dataclass(cls) else "(not a section)"
-            raise ConfigError(f"{where}: unknown key '{key}' ('{prefix or '<top>'}' has: {known})")
-        cls = hints[part]
-        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+def to_flat_dict(obj: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{'data.seed': 1111, ...}`: a schema tree (or mapping) as dotted keys (for logging and hashing)."""
+    tree = obj.model_dump() if isinstance(obj, BaseModel) else obj
+    out: dict[str, Any] = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            out.update(to_flat_dict(value, key + "."))
+        elif isinstance(value, list | tuple) and value and isinstance(value[0], Mapping):
+            for i, item in enumerate(value):
+                out.update(to_flat_dict(item, f"{key}.{i}."))
+        else:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
-def from_mapping(cls: type, raw: Any, file: str, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, checking every key and type; errors name `file` and the key."""
-    where = prefix.rstrip(".") or "<top>"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: '{where}' must be a mapping, got {_describe(raw)}", prefix.rstrip("."))
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"{file}: unknown key '{prefix}{unknown[0]}' (allowed in '{where}': {', '.join(names)})",
-            f"{prefix}{unknown[0]}",
+def chosen_flat_dict(params: Params) -> dict[str, Any]:
+    """`to_flat_dict` without the sections of models other than `model.name`: what a run depends on."""
+    others = [f"{section}.{name}." for section in ("model", "loss") for name in params.model.sections()]
+    others += [f"loss.{name}." for name in params.loss]
+    mine = (f"model.{params.model.name}.", f"loss.{params.model.name}.")
+    return {
+        k: v
+        for k, v in to_flat_dict(params).items()
+        if k.startswith(mine) or not any(k.startswith(o) for o in others)
+    }
+
+
+def with_values(params: Params, values: Mapping[str, Any], where: str = "with_values") -> Params:
+    """A copy of `params` with dotted keys set to `values`, validated like the file itself."""
+    raw = params.model_dump()
+    for key, value in values.items():
+        set_dotted(raw, key, value, where)
+    set_by = {**params._set_by, **{key: where for key in values}}
+    return validate(raw, params.file, set_by)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# messages: pydantic's errors in the project's words (file, dotted key, what was expected, what was found)
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def translate(error: ValidationError, schema: type[BaseModel], file: str, prefix: str = "") -> ConfigError:
+    """The first error of `error` (validating `schema`, found at `prefix`) as a `ConfigError`."""
+    errors = error.errors(include_url=False)
+    # an unknown key first: a misspelt key also makes the intended one "missing", and the typo explains both
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(first["loc"])
+    kind, value = first["type"], first.get("input")
+    key = (prefix + _dotted(loc)).rstrip(".")
+    if kind == "value_error":  # a validator's own check, e.g. a width that the heads do not divide
+        return ConfigError(f"{file}: '{key}' {first['msg'].removeprefix('Value error, ')}", key)
+    if kind == "missing":
+        return ConfigError(f"{file}: missing key '{key}'", key)
+    if kind == "extra_forbidden":
+        parent = _annotation_at(schema, loc[:-1])
+        allowed = ", ".join(parent.model_fields) if _is_schema(parent) else "?"
+        where = prefix + _dotted(loc[:-1]) or "<top>"
+        return ConfigError(f"{file}: unknown key '{key}' (allowed in '{where.rstrip('.')}': {allowed})", key)
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return ConfigError(f"{file}: '{key}' must be a mapping, got {_describe(value)}", key)
+    if kind == "literal_error":
+        options = list(typing.get_args(_annotation_at(schema, loc)))
+        return ConfigError(f"{file}: '{key}' expected one of {options}, got {_describe(value)}", key)
+    if kind in _BOUNDS:
+        bound = next(iter(first["ctx"].values()))
+        return ConfigError(
+            f"{file}: '{key}' expected a value {_BOUNDS[kind]} {bound}, got {_describe(value)}", key
         )
-    missing = [n for n in names if n not in raw]
-    if missing:
-        raise ConfigError(f"{file}: missing key '{prefix}{missing[0]}'", f"{prefix}{missing[0]}")
-    values = {n: _convert(hints[n], raw[n], file, f"{prefix}{n}") for n in names}
-    return cls(**values)
+    expected = _type_name(_annotation_at(schema, loc))
+    return ConfigError(f"{file}: '{key}' expected {expected}, got {_describe(value)}", key)
 
 
-def _convert(tp: Any, value: Any, file: str, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_mapping(tp, value, file, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
+def _dotted(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else ("." if text else "") + str(part)
+    return text
+
+
+def _is_schema(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _strip(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _annotation_at(schema: Any, loc: tuple) -> Any:
+    """The declared type at `loc` inside `schema` (None where the path leaves the schema)."""
+    tp: Any = schema
+    for part in loc:
+        tp = _strip(tp)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `X | None`: the part is in X
+            tp = next(t for t in typing.get_args(tp) if t is not type(None))
+            tp = _strip(tp)
+        if _is_schema(tp) and isinstance(part, str) and part in tp.model_fields:
+            tp = tp.model_fields[part].annotation
+        elif typing.get_origin(tp) is tuple and isinstance(part, int):
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
             return None
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _convert(option, value, file, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{file}: '{key}' expected {_type_name(tp)}, got {_describe(value)}", key)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{file}: '{key}' expected one of {list(allowed)}, got {_describe(value)}", key)
-        return value
-    if origin is tuple:
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(
-                f"{file}: '{key}' expected a list of {_type_name(item_tp)}, got {_describe(value)}", key
-            )
-        return tuple(_convert(item_tp, v, file, f"{key}[{i}]") for i, v in enumerate(value))
-    # bool is a subclass of int in Python; `true` where a number is expected is a mistake, not 1.
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif tp is str:
-        ok = isinstance(value, str)
-    else:  # pragma: no cover - a schema bug, not a user error
-        raise TypeError(f"unsupported parameter type {tp!r} for {key}")
-    if not ok:
-        raise ConfigError(f"{file}: '{key}' expected {_type_name(tp)}, got {_describe(value)}", key)
-    return value
+    return _strip(tp)
 
 
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    tp = _strip(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if origin is Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    if _is_schema(tp):
+        return "a mapping"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
 def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}" if value is not None else "null"
-
-
-def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """`{'data.seed': 1111, ...}`: a dataclass tree as dotted keys (for logging and hashing)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(to_flat_dict(value, f"{prefix}{f.name}."))
-        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
-            for i, item in enumerate(value):
-                out.update(to_flat_dict(item, f"{prefix}{f.name}.{i}."))
-        else:
-            out[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def with_values(params: Params, values: typing.Mapping[str, Any], where: str = "with_values") -> Params:
-    """A copy of `params` with dotted keys set to `values`, validated like the file itself."""
-    raw = dataclasses.asdict(params)
-    for key, value in values.items():
-        _check_key_exists(Params, key, where)
-        set_dotted(raw, key, value, where)
-    result = from_mapping(Params, raw, where)
-    _check_choices(result, where)
-    return result

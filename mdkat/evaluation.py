@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from mdkat import plots
 from mdkat.config import Params
-from mdkat.data import load_prepared
+from mdkat.data import Prepared, load_prepared
 from mdkat.io import atomic_open, write_json
 from mdkat.metrics import regression_metrics
 from mdkat.training import model_from_file, predict, resolve_device
@@ -61,6 +62,26 @@ def write_predictions(path: Path, ids: list[str], label: np.ndarray, pred: np.nd
         f.write(buffer.getvalue().encode())
 
 
+def score(pred: np.ndarray, label: np.ndarray, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The metrics file's content: `test` metrics; for synthetic data `oracle` and `fraction_of_oracle`."""
+    metrics = regression_metrics(pred, label)
+    report: dict[str, Any] = {"test": metrics}
+    oracle = manifest.get("oracle")
+    if oracle is not None:
+        report["oracle"] = oracle["full"]
+        report["fraction_of_oracle"] = {
+            k: v / oracle["full"][k] for k, v in metrics.items() if oracle["full"][k]
+        }
+    return report
+
+
+def evaluate_model(model: nn.Module, data: Prepared, batch_size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Predictions (N,) of `model` on the test split of `data` and their `score`."""
+    device = next(model.parameters()).device
+    pred = predict(model, data.test.to(device), batch_size)
+    return pred, score(pred, data.test.label.numpy().astype(np.float64), data.manifest)
+
+
 def evaluate(
     params: Params,
     data_dir: str | Path,
@@ -70,19 +91,9 @@ def evaluate(
 ) -> Evaluation:
     """Predict the test split with `model_file`; write the metrics file, predictions and figures."""
     data = load_prepared(data_dir, splits=("test",))
-    device = resolve_device(params.train.device)
-    model = model_from_file(model_file, device)
-    test = data.test.to(device)
-    pred = predict(model, test, params.train.eval_batch_size)
+    model = model_from_file(model_file, resolve_device(params.train.device))
+    pred, report = evaluate_model(model, data, params.train.eval_batch_size)
     label = data.test.label.numpy().astype(np.float64)
-    metrics = regression_metrics(pred, label)
-    report: dict[str, Any] = {"test": metrics}
-    oracle = data.manifest.get("oracle")
-    if oracle is not None:
-        report["oracle"] = oracle["full"]
-        report["fraction_of_oracle"] = {
-            k: v / oracle["full"][k] for k, v in metrics.items() if oracle["full"][k]
-        }
     write_json(metrics_file, report)
 
     plots_dir = Path(plots_dir)

@@ -1,4 +1,5 @@
-"""Atomic file writes and hashing: an interrupted stage never leaves a half-written file behind."""
+"""Files: atomic writes (an interrupted stage never leaves a half-written file behind), hashing, and where
+the project lives."""
 
 from __future__ import annotations
 
@@ -7,11 +8,30 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+_DVC_TEMP = re.compile(r"^(?P<root>.*?)/\.dvc/tmp/exps/")
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The repository root: the folder holding `dvc.yaml` (the original one, not a DVC temp copy).
+
+    DVC runs queued experiments in a copy under `.dvc/tmp/exps/` that it deletes afterwards: stores kept
+    there (MLflow runs, Optuna studies) would be lost with it.
+    """
+    path = Path(start or os.getcwd()).resolve()
+    match = _DVC_TEMP.match(path.as_posix() + "/")
+    if match:
+        return Path(match.group("root"))
+    for folder in (path, *path.parents):
+        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
+            return folder
+    return path
 
 
 def _default_mode(directory: bool) -> int:

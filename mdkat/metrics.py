@@ -12,15 +12,57 @@ the Non0 pair when every label is zero.
 
 from __future__ import annotations
 
+import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import f1_score
 
-METRIC_NAMES = ("mae", "corr", "acc7", "acc5", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0")
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric: everything the pipeline knows about it lives here (early stopping, CI, reports)."""
+
+    name: str
+    label: str  # in tables and reports
+    lower_is_better: bool
+    # the CI check's allowed worsening (absolute) against its baseline; other CPUs round differently,
+    # and training amplifies it
+    ci_tolerance: float
+
+
+# in the order of the field's tables
+METRICS = (
+    Metric("mae", "MAE", lower_is_better=True, ci_tolerance=0.03),
+    Metric("corr", "Corr", lower_is_better=False, ci_tolerance=0.05),
+    Metric("acc7", "Acc-7", lower_is_better=False, ci_tolerance=0.05),
+    Metric("acc5", "Acc-5", lower_is_better=False, ci_tolerance=0.05),
+    Metric("acc2_has0", "Acc-2 (Has0)", lower_is_better=False, ci_tolerance=0.05),
+    Metric("f1_has0", "F1 (Has0)", lower_is_better=False, ci_tolerance=0.05),
+    Metric("acc2_non0", "Acc-2 (Non0)", lower_is_better=False, ci_tolerance=0.05),
+    Metric("f1_non0", "F1 (Non0)", lower_is_better=False, ci_tolerance=0.05),
+)
+BY_NAME = {m.name: m for m in METRICS}
+METRIC_NAMES = tuple(BY_NAME)
+
+
+def is_better(metric: str, value: float, best: float | None) -> bool:
+    """Whether `value` of `metric` improves on `best` (NaN never does)."""
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if BY_NAME[metric].lower_is_better else value > best
+
+
+def worsening(metric: str, value: float, reference: float) -> float:
+    """How much worse `value` is than `reference` (negative: better), in the metric's own units."""
+    return value - reference if BY_NAME[metric].lower_is_better else reference - value
 
 
 def _binary(true: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    from sklearn.metrics import f1_score  # scikit-learn loads in ~1 s; reading params.yaml needs only names
+
     acc = float(np.mean(true == pred))
     # zero_division=0 is sklearn's default value, without its warning when a class is never predicted.
     f1 = float(f1_score(true, pred, average="weighted", zero_division=0))

@@ -1,11 +1,13 @@
 """The ablation and multi-seed report: every variant of `report.variants` trained with every seed.
 
-Each (variant, seed) trains with `params` + the variant's switches (`mdkat.models.ABLATIONS`) +
+A variant is the chosen model (`model.name`, the reference), one of its ablations (`Model.ABLATIONS`) or
+another model of the registry. Each (variant, seed) trains with `params` + the variant's values +
 `train.seed` + the report's budget, is evaluated on the test split, and is written to
 `<out>/runs/<variant>-<seed>.json` with a fingerprint of everything that produced it. A re-run skips the
 units whose fingerprint still matches and resumes an interrupted unit from its checkpoint, so an
 interrupted report continues where it stopped. The summary compares each variant with full MDKAT by a
-paired t-test over seeds (the seed fixes the initialisation and batch order of both runs of a pair).
+paired t-test over seeds (the seed fixes the initialisation and batch order of both runs of a pair)
+against the reference.
 
 Outputs: `runs.csv` (one row per run), `ablation.csv` (variant, metric, n, mean, std, diff, diff_std,
 p_value, significant) and `ablation.md`, which states the data source, budget, seeds and device.
@@ -13,6 +15,7 @@ p_value, significant) and `ablation.md`, which states the data source, budget, s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,32 +27,24 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mdkat.config import Params, to_flat_dict, with_values
+from mdkat.config import Params, chosen_flat_dict, with_values
 from mdkat.data import load_prepared
 from mdkat.errors import MdkatError
+from mdkat.evaluation import evaluate_model
 from mdkat.io import atomic_open, write_json
-from mdkat.metrics import METRIC_NAMES, regression_metrics
-from mdkat.models import ABLATIONS
-from mdkat.training import LOWER_IS_BETTER, fit, predict, resolve_device
+from mdkat.metrics import METRICS
+from mdkat.models import variant_label, variant_values
+from mdkat.tracking import Tracker, flat_params, run_tags
+from mdkat.training import fit, resolve_device
 
-REFERENCE = "mdkat"
 RECORD = "mlflow_run.json"
 # what a run's result depends on; tune/mlflow/report/ci settings do not change a trained model
 _RUN_SECTIONS = ("data", "model", "loss", "train")
-LABELS = {
-    "mdkat": "MDKAT (all modules)",
-    "no_cff": "w/o CFF",
-    "no_amsa": "w/o AMSA",
-    "no_ka": "w/o KA",
-    "no_kt": "w/o KT",
-    "no_decoupling": "w/o decoupling",
-    "late_fusion": "late fusion (baseline)",
-}
 
 
 def run_params(params: Params, variant: str, seed: int) -> Params:
-    """The parameters of one report run: the variant's switches, the seed and the report's budget."""
-    values: dict[str, Any] = {**ABLATIONS[variant], "train.seed": seed}
+    """The parameters of one report run: the variant's values, the seed and the report's budget."""
+    values: dict[str, Any] = {**variant_values(params, variant), "train.seed": seed}
     budget = params.report.budget
     if budget.epochs is not None:
         values["train.epochs"] = budget.epochs
@@ -60,15 +55,13 @@ def run_params(params: Params, variant: str, seed: int) -> Params:
 
 def fingerprint(params: Params, manifest_sha256: str) -> str:
     """A hash of what a run's result depends on: its parameters and the data."""
-    relevant = {k: v for k, v in to_flat_dict(params).items() if k.split(".", 1)[0] in _RUN_SECTIONS}
+    relevant = {k: v for k, v in chosen_flat_dict(params).items() if k.split(".", 1)[0] in _RUN_SECTIONS}
     relevant.pop("train.device", None)  # a GPU run answers the same question
     text = json.dumps({"params": relevant, "data": manifest_sha256}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _parent_tracker(params: Params, out_dir: Path, tags: dict[str, str]):
-    from mdkat.tracking import Tracker, flat_params
-
+def _parent_tracker(params: Params, out_dir: Path, tags: dict[str, str]) -> Tracker:
     record = out_dir / RECORD
     if record.exists():
         tracker = Tracker.attach(record)
@@ -81,19 +74,17 @@ def _parent_tracker(params: Params, out_dir: Path, tags: dict[str, str]):
 
 def report(params: Params, data_dir: str | Path, out_dir: str | Path, *, track: bool = True) -> pd.DataFrame:
     """Train and test every (variant, seed) not done yet; write runs.csv, ablation.csv and ablation.md."""
-    from mdkat.tracking import Tracker, flat_params, run_tags
-
     out_dir = Path(out_dir)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     data = load_prepared(data_dir)
     device = resolve_device(params.train.device)
-    units = [(v, s) for v in params.report.variants for s in params.report.seeds]
+    # every unit's parameters first: a variant that does not validate fails before any training
+    units = [(v, s, run_params(params, v, s)) for v in params.report.variants for s in params.report.seeds]
     tags = {**run_tags(data.manifest, data.manifest_sha256), "report.budget": json.dumps(_budget(params))}
     parent = _parent_tracker(params, out_dir, tags) if track else None
-    try:
-        for i, (variant, seed) in enumerate(units, 1):
+    with parent.ending() if parent else contextlib.nullcontext():
+        for i, (variant, seed, p) in enumerate(units, 1):
             unit = f"{variant}-{seed}"
-            p = run_params(params, variant, seed)
             key = fingerprint(p, data.manifest_sha256)
             result_file = out_dir / "runs" / f"{unit}.json"
             if result_file.exists() and json.loads(result_file.read_text()).get("fingerprint") == key:
@@ -106,8 +97,7 @@ def report(params: Params, data_dir: str | Path, out_dir: str | Path, *, track: 
             work.mkdir(parents=True, exist_ok=True)
             stale.write_text(key)
             result = fit(p, data, work, resume=resume)
-            pred = predict(result.model, data.test.to(device), p.train.eval_batch_size)
-            test = regression_metrics(pred, data.test.label.numpy())
+            test = evaluate_model(result.model, data, p.train.eval_batch_size)[1]["test"]
             row = {
                 "variant": variant,
                 "seed": seed,
@@ -119,22 +109,7 @@ def report(params: Params, data_dir: str | Path, out_dir: str | Path, *, track: 
                 "valid": result.best_valid,
             }
             if parent is not None:
-                child = Tracker.start(
-                    params.mlflow.experiment,
-                    f"{variant} seed {seed}",
-                    flat_params(p),
-                    {**tags, "report.variant": variant, "report.seed": str(seed)},
-                    parent=parent.run_id,
-                )
-                for epoch_row in result.history:
-                    child.log_metrics(
-                        {k: v for k, v in epoch_row.items() if k != "epoch"}, step=epoch_row["epoch"]
-                    )
-                child.log_metrics(test, prefix="test_")
-                child.log_metrics(result.best_valid, prefix="best_valid_")
-                child.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.seconds})
-                child.finish()
-                row["run_id"] = child.run_id
+                row["run_id"] = _log_unit(parent, p, tags, variant, seed, result, test)
             write_json(result_file, row)
             print(
                 f"[{i}/{len(units)}] {unit}: test MAE {test['mae']:.4f}, Corr {test['corr']:.4f}, "
@@ -142,21 +117,34 @@ def report(params: Params, data_dir: str | Path, out_dir: str | Path, *, track: 
                 file=sys.stderr,
             )
         runs = collect(out_dir, params)
-        table = summarize(runs, params.report.alpha)
+        table = summarize(runs, params.report.alpha, params.model.name)
         write_tables(out_dir, runs, table, params, data.manifest)
         if parent is not None:
             parent.log_artifacts([out_dir / n for n in ("runs.csv", "ablation.csv", "ablation.md")])
-    except BaseException as e:
-        if parent is not None:
-            parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    if parent is not None:
-        parent.finish()
     return table
 
 
+def _log_unit(
+    parent: Tracker, p: Params, tags: dict[str, str], variant: str, seed: int, result, test: dict[str, float]
+) -> str:
+    child = Tracker.start(
+        p.mlflow.experiment,
+        f"{variant} seed {seed}",
+        flat_params(p),
+        {**tags, "report.variant": variant, "report.seed": str(seed)},
+        parent=parent.run_id,
+    )
+    with child.ending():
+        for epoch_row in result.history:
+            child.log_metrics({k: v for k, v in epoch_row.items() if k != "epoch"}, step=epoch_row["epoch"])
+        child.log_metrics(test, prefix="test_")
+        child.log_metrics(result.best_valid, prefix="best_valid_")
+        child.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.seconds})
+    return child.run_id
+
+
 def _budget(params: Params) -> dict[str, Any]:
-    p = run_params(params, REFERENCE, params.report.seeds[0]) if params.report.seeds else params
+    p = run_params(params, params.model.name, params.report.seeds[0]) if params.report.seeds else params
     return {"epochs": p.train.epochs, "patience": p.train.patience}
 
 
@@ -182,13 +170,13 @@ def collect(out_dir: Path, params: Params) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarize(runs: pd.DataFrame, alpha: float) -> pd.DataFrame:
-    """Per (variant, metric): mean and std over seeds, paired difference to full MDKAT, its p-value."""
+def summarize(runs: pd.DataFrame, alpha: float, reference: str) -> pd.DataFrame:
+    """Per (variant, metric): mean and std over seeds, paired difference to `reference`, its p-value."""
     rows = []
-    reference = runs[runs.variant == REFERENCE].set_index("seed") if REFERENCE in set(runs.variant) else None
+    ref = runs[runs.variant == reference].set_index("seed") if reference in set(runs.variant) else None
     for variant, group in runs.groupby("variant", sort=False):
         group = group.set_index("seed")
-        for metric in METRIC_NAMES:
+        for metric in (m.name for m in METRICS):
             values = group[metric].to_numpy(dtype=np.float64)
             row = {
                 "variant": variant,
@@ -201,37 +189,30 @@ def summarize(runs: pd.DataFrame, alpha: float) -> pd.DataFrame:
                 "p_value": math.nan,
                 "significant": False,
             }
-            if reference is not None and variant != REFERENCE:
-                seeds = group.index.intersection(reference.index)
-                diff = group.loc[seeds, metric].to_numpy(np.float64) - reference.loc[seeds, metric].to_numpy(
-                    np.float64
-                )
+            if ref is not None and variant != reference:
+                seeds = group.index.intersection(ref.index)
+                mine, theirs = group.loc[seeds, metric], ref.loc[seeds, metric]
+                diff = mine.to_numpy(np.float64) - theirs.to_numpy(np.float64)
                 row["diff"] = float(np.mean(diff))
                 if len(diff) > 1:
                     row["diff_std"] = float(np.std(diff, ddof=1))
                     # identical runs give a zero-variance difference: no evidence either way, not p = NaN
-                    p_value = float(
-                        stats.ttest_rel(group.loc[seeds, metric], reference.loc[seeds, metric]).pvalue
-                    )
+                    p_value = float(stats.ttest_rel(mine, theirs).pvalue)
                     row["p_value"] = 1.0 if math.isnan(p_value) and not np.any(diff) else p_value
                     row["significant"] = bool(row["p_value"] < alpha)
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-_SHOWN = (
-    ("mae", "MAE ↓"),
-    ("corr", "Corr"),
-    ("acc2_non0", "Acc-2 (Non0)"),
-    ("f1_non0", "F1 (Non0)"),
-    ("acc2_has0", "Acc-2 (Has0)"),
-    ("acc7", "Acc-7"),
-    ("acc5", "Acc-5"),
-)
+def _header(first: str) -> list[str]:
+    labels = [m.label + (" ↓" if m.lower_is_better else "") for m in METRICS]
+    return [f"| {first} | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
 
 
 def markdown(runs: pd.DataFrame, table: pd.DataFrame, params: Params, manifest: dict) -> str:
-    """The report for people: where the numbers come from, mean ± std, paired differences to MDKAT."""
+    """The report for people: where the numbers come from, mean ± std, paired differences to the reference."""
+    reference = params.model.name
+    name = variant_label(params, reference)
     cell = table.set_index(["variant", "metric"])
     source = manifest.get("source")
     lines = ["# Ablation and multi-seed report", ""]
@@ -250,58 +231,55 @@ def markdown(runs: pd.DataFrame, table: pd.DataFrame, params: Params, manifest: 
         f"- seeds: {', '.join(str(s) for s in params.report.seeds)} (`train.seed`; the data are the same)",
         f"- budget: at most {budget['epochs']} epochs, early stopping patience {budget['patience']} "
         f"(`report.budget`), selected on validation `{params.train.select_on}`; device {devices}",
-        f"- test split metrics; mean ± sample std over {len(params.report.seeds)} seeds; Δ = variant − MDKAT "
-        f"paired by seed, p from a paired t-test (scipy `ttest_rel`), * where p < {params.report.alpha}",
+        f"- test split metrics; mean ± sample std over {len(params.report.seeds)} seeds; Δ = variant − "
+        f"{name} paired by seed, p from a paired t-test (scipy `ttest_rel`), * where "
+        f"p < {params.report.alpha}",
         f"- training time: {runs.seconds.sum() / 60:.1f} min for {len(runs)} runs",
         "",
-        "| variant | " + " | ".join(label for _, label in _SHOWN) + " |",
-        "|---|" + "---:|" * len(_SHOWN),
+        *_header("variant"),
     ]
     digits = 3
     for variant in table.variant.unique():
         cells = []
-        for metric, _label in _SHOWN:
-            r = cell.loc[(variant, metric)]
+        for metric in METRICS:
+            r = cell.loc[(variant, metric.name)]
             cells.append(f"{r['mean']:.{digits}f} ± {r['std']:.{digits}f}")
-        lines.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
-    if REFERENCE in set(table.variant):
-        lines += ["", "Paired difference to MDKAT (Δ, p-value; for MAE a positive Δ is worse):", ""]
-        lines += [
-            "| variant | " + " | ".join(label for _, label in _SHOWN) + " |",
-            "|---|" + "---:|" * len(_SHOWN),
-        ]
+        lines.append(f"| {variant_label(params, variant)} | " + " | ".join(cells) + " |")
+    if reference in set(table.variant):
+        lines += ["", f"Paired difference to {name} (Δ, p-value; ↓: lower is better):", ""]
+        lines += _header("variant")
         for variant in table.variant.unique():
-            if variant == REFERENCE:
+            if variant == reference:
                 continue
             cells = []
-            for metric, _label in _SHOWN:
-                r = cell.loc[(variant, metric)]
-                worse = r["diff"] > 0 if metric in LOWER_IS_BETTER else r["diff"] < 0
+            for metric in METRICS:
+                r = cell.loc[(variant, metric.name)]
+                worse = r["diff"] > 0 if metric.lower_is_better else r["diff"] < 0
                 mark = "*" if r["significant"] else ""
-                cells.append(f"{r['diff']:+.{digits}f}{mark} (p={r['p_value']:.3f}){' ↓' if worse else ''}")
-            lines.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells) + " |")
-        lines += ["", "↓ marks a variant that is worse than MDKAT on average for that metric.", ""]
-        lines += [_reading(table, params.report.alpha), ""]
+                cells.append(f"{r['diff']:+.{digits}f}{mark} (p={r['p_value']:.3f}){' ▼' if worse else ''}")
+            lines.append(f"| {variant_label(params, variant)} | " + " | ".join(cells) + " |")
+        lines += ["", f"▼ marks a variant that is worse than {name} on average for that metric.", ""]
+        lines += [_reading(table, params), ""]
     return "\n".join(lines) + "\n"
 
 
-def _reading(table: pd.DataFrame, alpha: float) -> str:
+def _reading(table: pd.DataFrame, params: Params) -> str:
     """One sentence on what the paired tests say, so that nobody reads noise as an ablation result."""
-    others = table[table.variant != REFERENCE]
-    shown = others[others.metric.isin([m for m, _ in _SHOWN])]
-    hits = shown[shown.significant]
+    alpha, name = params.report.alpha, variant_label(params, params.model.name)
+    others = table[table.variant != params.model.name]
+    hits = others[others.significant]
     if hits.empty:
         return (
-            f"No variant differs from MDKAT significantly (p < {alpha}) in any metric shown: with these "
+            f"No variant differs from {name} significantly (p < {alpha}) in any metric: with these "
             "seeds and this budget the differences between variants are within the variation between seeds."
         )
     listed = "; ".join(
-        f"{LABELS.get(r.variant, r.variant)} {r.metric} {r.diff:+.3f} (p={r.p_value:.3f})"
+        f"{variant_label(params, r.variant)} {r.metric} {r.diff:+.3f} (p={r.p_value:.3f})"
         for r in hits.itertuples()
     )
     return (
-        f"Significant at p < {alpha} (uncorrected for the {len(shown)} comparisons, so about "
-        f"{alpha * len(shown):.1f} are expected by chance): {listed}."
+        f"Significant at p < {alpha} (uncorrected for the {len(others)} comparisons, so about "
+        f"{alpha * len(others):.1f} are expected by chance): {listed}."
     )
 
 

@@ -13,12 +13,13 @@ from typing import Any
 
 import yaml
 
-from mdkat.config import Params, read_best, to_flat_dict
+from mdkat.config import Params, chosen_flat_dict, read_best
 from mdkat.data import load_prepared
 from mdkat.evaluation import evaluate
 from mdkat.io import atomic_open, write_json
 from mdkat.plots import learning_curves
-from mdkat.tracking import Tracker, flat_params, redact, run_tags
+from mdkat.redact import redact
+from mdkat.tracking import Tracker, flat_params, run_tags
 from mdkat.training import fit
 
 RUN_RECORD = "mlflow_run.json"
@@ -26,7 +27,7 @@ RUN_RECORD = "mlflow_run.json"
 
 def _resolved_yaml(params: Params) -> str:
     nested: dict[str, Any] = {}
-    for key, value in to_flat_dict(params).items():
+    for key, value in chosen_flat_dict(params).items():
         node = nested
         *sections, leaf = key.split(".")
         for section in sections:
@@ -68,7 +69,7 @@ def train_run(
     def log_epoch(epoch: int, row: dict[str, float]) -> None:
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
-    try:
+    with tracker.ending():
         result = fit(params, data, out_dir, resume=resume, on_epoch=log_epoch)
         valid = {**result.best_valid, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
         write_json(out_dir / "valid_metrics.json", valid)
@@ -97,10 +98,6 @@ def train_run(
         from mdkat.serving import log_model
 
         log_model(tracker.uri, tracker.run_id, out_dir / "model.pt")
-    except BaseException as e:
-        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    tracker.finish()
     return {
         "run_id": tracker.run_id,
         "best_epoch": result.best_epoch,

@@ -2,63 +2,44 @@
 
 The tracking URI comes from `MLFLOW_TRACKING_URI`, else `sqlite:///<project root>/mlflow.db` (the file
 store is deprecated). The project root is the repository root, also when DVC runs a queued experiment in
-a temporary copy under `.dvc/tmp/exps/` (a relative store there would be deleted with the copy); the
-experiment is created with its artifact location at `<project root>/mlruns` for the same reason, except on
-a tracking server, which stores artifacts itself. An HTTP tracking server is asked for `/health` with a
+a temporary copy under `.dvc/tmp/exps/` (`mdkat.io.project_root`); the experiment is created with its
+artifact location at `<project root>/mlruns` for the same reason, except on a tracking server, which stores
+artifacts itself. An HTTP tracking server is asked for `/health` with a
 short timeout first: the client's own retries take minutes.
 
 Runs are written through `MlflowClient` with explicit run ids (no global active run), so a training run,
 its evaluation in another process, and the nested trial runs of a study never step on each other.
-Secrets never leave this module: passwords in URLs are replaced by `***` before anything is logged.
+`Tracker.ending()` ends a run FINISHED, FAILED or KILLED, in one place for every kind of run. Passwords
+in URLs are replaced by `***` (`mdkat.redact`) before anything is logged.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
-import re
 import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mdkat.config import Params, to_flat_dict
+from mdkat.config import Params, chosen_flat_dict
 from mdkat.errors import MdkatError
+from mdkat.io import project_root
+from mdkat.redact import redact
 
-_PASSWORD_IN_URL = re.compile(
-    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]*)@"
-)
-_DVC_TEMP = re.compile(r"^(?P<root>.*?)/\.dvc/tmp/exps/")
-
-
-def redact(value: Any) -> Any:
-    """The value with any password in a URL (`scheme://user:password@host`) replaced by `***`."""
-    if isinstance(value, str):
-        return _PASSWORD_IN_URL.sub(r"\g<scheme>\g<user>:***@", value)
-    return value
+STORE = "mlflow.db"  # the default store, at the project root
 
 
-def project_root(start: str | Path | None = None) -> Path:
-    """The repository root: the folder holding `dvc.yaml` (the original one, not a DVC temp copy)."""
-    path = Path(start or os.getcwd()).resolve()
-    match = _DVC_TEMP.match(path.as_posix() + "/")
-    if match:
-        return Path(match.group("root"))
-    for folder in (path, *path.parents):
-        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
-            return folder
-    return path
-
-
-def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI`, else the project's `sqlite:///.../mlflow.db` (absolute)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+def tracking_uri(root: str | Path | None = None) -> str:
+    """`MLFLOW_TRACKING_URI`, else the `sqlite:///.../mlflow.db` of the project at `root` (default: cwd's)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / STORE}"
 
 
 def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
@@ -115,8 +96,8 @@ def run_tags(manifest: Mapping[str, Any] | None = None, manifest_sha256: str | N
 
 
 def flat_params(params: Params) -> dict[str, str]:
-    """Every parameter as `section.key` -> string, secrets redacted (MLflow params are strings)."""
-    return {key: redact(str(value)) for key, value in to_flat_dict(params).items()}
+    """The run's parameters (other models' sections left out) as `section.key` -> string, redacted."""
+    return {key: redact(str(value)) for key, value in chosen_flat_dict(params).items()}
 
 
 @dataclass
@@ -207,10 +188,6 @@ class Tracker:
             elif path.exists():
                 client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        """Store `text` as an artifact file."""
-        self.client.log_text(self.run_id, text, artifact_file)
-
     def reopen(self) -> None:
         """Mark a FAILED or KILLED run RUNNING again (a resumed training continues it)."""
         self.client.update_run(self.run_id, status="RUNNING")
@@ -218,6 +195,19 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status)
+
+    @contextlib.contextmanager
+    def ending(self, killed: tuple[type[BaseException], ...] = ()) -> Iterator[Tracker]:
+        """End the run with the block: FINISHED, KILLED on Ctrl-C or one of `killed`, FAILED otherwise."""
+        try:
+            yield self
+        except (KeyboardInterrupt, *killed):
+            self.finish("KILLED")
+            raise
+        except BaseException:
+            self.finish("FAILED")
+            raise
+        self.finish()
 
     def record(self) -> dict[str, str]:
         """What `mlflow_run.json` holds (the URI redacted)."""

@@ -14,9 +14,7 @@ an uninterrupted one. Checkpoints hold only tensors and plain containers (`torch
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -29,15 +27,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mdkat.config import LossConfig, ModelConfig, Params, from_mapping
+from mdkat.config import Params
 from mdkat.data import Batch, Prepared
 from mdkat.errors import MdkatError
 from mdkat.io import atomic_open
-from mdkat.metrics import regression_metrics
-from mdkat.models import build
+from mdkat.metrics import is_better, regression_metrics
+from mdkat.models import build, config_of, rebuild
 
 CHECKPOINT = "checkpoint.pt"
-LOWER_IS_BETTER = {"mae"}
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -68,7 +65,7 @@ def predict(model: nn.Module, data: Batch, batch_size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, data: Batch, batch_size: int, weights: LossConfig) -> float:
+def validation_loss(model: nn.Module, data: Batch, batch_size: int, weights: dict[str, float]) -> float:
     """Sample-weighted mean of the total loss over `data` (eval mode)."""
     model.eval()
     device = next(model.parameters()).device
@@ -80,15 +77,6 @@ def validation_loss(model: nn.Module, data: Batch, batch_size: int, weights: Los
             loss, _ = model.loss(model(batch), batch, weights)
         total += loss.float() * len(index)
     return total.item() / len(data)
-
-
-def is_better(metric: str, value: float, best: float | None) -> bool:
-    """Whether `value` of `metric` improves on `best` (NaN never does)."""
-    if math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value < best if metric in LOWER_IS_BETTER else value > best
 
 
 @dataclass
@@ -138,8 +126,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_from_file(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild a model from a `model.pt` written by `fit` (its own config and input dims travel with it)."""
     payload = load_checkpoint(path)
-    cfg = from_mapping(ModelConfig, payload["model_config"], str(path), "model_config.")
-    model = build(cfg, payload["dims"])
+    model = rebuild(payload["model_name"], payload["model_config"], payload["dims"], str(path))
     model.load_state_dict(payload["model"])
     return model.to(device).eval()
 
@@ -151,14 +138,13 @@ def fit(
     *,
     resume: bool = False,
     on_epoch: EpochCallback | None = None,
-    stop_after: int | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Train `params.model` on `data.train`, select on `data.valid`; write `model.pt` and `history.csv`.
 
     `on_epoch(epoch, row)` is called after every epoch with that epoch's history row (`lr`, `train_<term>`,
-    `valid_loss`, `valid_<metric>`, `seconds`): a tracker logs it, a tuner may raise from it to prune.
-    `stop_after` ends the run after that epoch as an interruption would (for tests).
+    `valid_loss`, `valid_<metric>`, `seconds`), after the epoch's checkpoint is saved: a tracker logs
+    it, a tuner may raise from it to prune (the checkpoint then resumes after that epoch).
     """
     cfg = params.train
     out_dir = Path(out_dir)
@@ -167,7 +153,8 @@ def fit(
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     dims = data.manifest["dims"]
-    model = build(params.model, dims).to(device)
+    weights = params.weights()
+    model = build(params, dims).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience
@@ -209,7 +196,7 @@ def fit(
             batch = train.select(index)
             with _autocast(device):
                 out = model(batch)
-                total, terms = model.loss(out, batch, params.loss)
+                total, terms = model.loss(out, batch, weights)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -222,7 +209,7 @@ def fit(
 
         row: dict[str, float] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update({f"train_{name}": value.item() / n for name, value in sums.items()})
-        valid_loss = validation_loss(model, valid, cfg.eval_batch_size, params.loss)
+        valid_loss = validation_loss(model, valid, cfg.eval_batch_size, weights)
         metrics = regression_metrics(predict(model, valid, cfg.eval_batch_size), valid.label.cpu().numpy())
         row["valid_loss"] = valid_loss
         row.update({f"valid_{k}": v for k, v in metrics.items()})
@@ -256,8 +243,6 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(epoch, row)
-        if stop_after is not None and epoch >= stop_after:
-            raise Interrupted(epoch)
     else:
         stopped_early = state["bad_epochs"] >= cfg.patience
 
@@ -266,7 +251,12 @@ def fit(
     model.load_state_dict(state["best_model"])
     _save(
         out_dir / "model.pt",
-        {"model": state["best_model"], "model_config": dataclasses.asdict(params.model), "dims": dims},
+        {
+            "model": state["best_model"],
+            "model_name": params.model.name,
+            "model_config": config_of(params).model_dump(),
+            "dims": dims,
+        },
     )
     _write_history(out_dir / "history.csv", state["history"])
     return FitResult(
@@ -277,14 +267,6 @@ def fit(
         stopped_early=stopped_early,
         seconds=time.perf_counter() - start,
     )
-
-
-class Interrupted(MdkatError):
-    """Raised by `fit(stop_after=...)`: the run ended as an interruption would end it."""
-
-    def __init__(self, epoch: int):
-        super().__init__(f"stopped after epoch {epoch} on request")
-        self.epoch = epoch
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:

@@ -1,8 +1,9 @@
 """Optuna studies over the loss weights (and the learning rate): the `tune` stage.
 
-- Search space: `tune.space` in params.yaml; weights of loss terms the model does not compute
-  (`mdkat.models.loss_terms`) are left out. Objective: the best validation `tune.metric` over a trial's
-  `tune.epochs` epochs (minimised for MAE, maximised otherwise); the test split is never read.
+- Search space: the ranges of `tune.space` that apply to the chosen model (`mdkat.models.search_space`:
+  other models' sections and weights of loss terms the configuration does not compute are left out).
+  Objective: the best validation `tune.metric` over a trial's `tune.epochs` epochs (minimised for MAE,
+  maximised otherwise); the test split is never read.
 - The study's name is `tune.study_name` plus a short hash of every parameter the objective depends on
   and of the data manifest: re-running with nothing changed continues the same study (its finished
   trials count towards `n_trials`), any change starts a new one, so a stale best is never reused.
@@ -16,7 +17,8 @@
 - Storage (`tune.storage`): `sqlite:///optuna.db` (default; with a busy timeout), `journal:PATH` (Optuna's
   journal file, the better choice for several local workers: appends need no database lock), or any RDB
   URL (`postgresql://...`) for workers on several machines, with heartbeats, so that a dead worker's trial
-  is failed. Relative paths are taken from the project root (also from a DVC temporary copy). Local
+  is failed (`mdkat.study_storage`). Relative paths are taken from the project root (also from a DVC
+  temporary copy). Local
   storages have no heartbeat: trials left RUNNING by a dead worker are failed when the stage starts.
 - MLflow: one parent run per invocation, one nested run per trial (params, per-epoch values, state).
   Pruned and failed trials end KILLED / FAILED with an `optuna.state` tag and no objective value.
@@ -41,13 +43,16 @@ from typing import Any
 
 import yaml
 
-from mdkat.config import Params, to_flat_dict, with_values
+from mdkat.config import Params, chosen_flat_dict, with_values
 from mdkat.data import load_prepared
 from mdkat.errors import MdkatError
 from mdkat.io import atomic_open
-from mdkat.models import loss_terms
-from mdkat.tracking import Tracker, flat_params, project_root, redact, run_tags
-from mdkat.training import LOWER_IS_BETTER, fit
+from mdkat.metrics import BY_NAME
+from mdkat.models import search_space
+from mdkat.redact import redact
+from mdkat.study_storage import is_local, open_storage, storage_path
+from mdkat.tracking import Tracker, flat_params, run_tags
+from mdkat.training import fit
 
 # Parameters that change how a study runs, not what its objective measures: not part of its identity.
 BOOKKEEPING = {"tune.n_trials", "tune.timeout_s", "tune.storage", "tune.study_name", "tune.heartbeat_s"}
@@ -57,18 +62,12 @@ NOT_OBJECTIVE = {"train.epochs", "train.device"}  # trials train for tune.epochs
 
 def direction(metric: str) -> str:
     """Optuna's direction for a validation metric."""
-    return "minimize" if metric in LOWER_IS_BETTER else "maximize"
-
-
-def searched(params: Params) -> list:
-    """The search ranges that apply to `params.model` (loss weights of absent terms are dropped)."""
-    terms = set(loss_terms(params.model))
-    return [r for r in params.tune.space if not r.key.startswith("loss.") or r.key.split(".", 1)[1] in terms]
+    return "minimize" if BY_NAME[metric].lower_is_better else "maximize"
 
 
 def study_name(params: Params, manifest_sha256: str) -> str:
     """`tune.study_name` + a short hash of the objective's parameters and the data."""
-    flat = to_flat_dict(params)
+    flat = chosen_flat_dict(params)
     relevant = {
         k: v
         for k, v in flat.items()
@@ -84,45 +83,10 @@ def study_name(params: Params, manifest_sha256: str) -> str:
 # storage
 
 
-def _local_path(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else project_root() / p
-
-
-def is_local(storage: str) -> bool:
-    """Storages on this machine's disk (no heartbeats; a file lock serialises trial starts)."""
-    return storage.startswith(("sqlite:", "journal:"))
-
-
-def open_storage(storage: str, heartbeat_s: int):
-    """An Optuna storage object for a `tune.storage` string."""
-    import optuna
-
-    if storage.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        path = _local_path(storage.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if storage.startswith("sqlite:///"):
-        path = _local_path(storage.removeprefix("sqlite:///"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a busy timeout: several local workers take turns instead of failing on "database is locked"
-        return optuna.storages.RDBStorage(
-            f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 60}}
-        )
-    return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s)
-
-
 def lock_path(storage: str, name: str) -> Path | None:
     """The lock file that serialises trial starts of study `name` on a local storage."""
-    if storage.startswith("journal:"):
-        base = _local_path(storage.removeprefix("journal:"))
-    elif storage.startswith("sqlite:///"):
-        base = _local_path(storage.removeprefix("sqlite:///"))
-    else:
-        return None
-    return base.with_name(f".{base.name}.{name}.lock")
+    base = storage_path(storage)
+    return None if base is None else base.with_name(f".{base.name}.{name}.lock")
 
 
 class TrialStartLock:
@@ -171,8 +135,8 @@ def enqueue_defaults(study, params: Params) -> bool:
 
     if len(counted(study)) >= params.tune.n_trials:
         return False
-    flat = to_flat_dict(params)
-    defaults = {r.key: flat[r.key] for r in searched(params)}
+    flat = chosen_flat_dict(params)
+    defaults = {r.key: flat[r.key] for r in search_space(params)}
     alive = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
     for t in study.get_trials(deepcopy=False, states=alive):
         # a queued trial has no params yet: Optuna keeps what it was queued with as fixed params
@@ -221,7 +185,7 @@ def _objective(plan: WorkerPlan, data, lock: TrialStartLock, study):
     tune = plan.params.tune
     metric = f"valid_{tune.metric}"
     better = min if direction(tune.metric) == "minimize" else max
-    ranges = searched(plan.params)
+    ranges = search_space(plan.params)
 
     def objective(trial: optuna.Trial) -> float:
         lock.release()  # the trial now exists in the storage: the next worker may count it
@@ -259,31 +223,31 @@ def _objective(plan: WorkerPlan, data, lock: TrialStartLock, study):
             if epoch < tune.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
-        state, status = "COMPLETE", "FINISHED"
-        try:
-            with tempfile.TemporaryDirectory(prefix=f"trial{trial.number}-") as tmp:
-                fit(trial_params, data, tmp, on_epoch=report, progress=False)
-            finite = [v for v in seen if not math.isnan(v)]
-            if not finite:
-                raise MdkatError(f"trial {trial.number}: validation {tune.metric} was NaN in every epoch")
-            value = better(finite)
-            if tracker is not None:
-                tracker.log_metrics({"objective": value})
-            return value
-        except optuna.TrialPruned:
-            state, status = "PRUNED", "KILLED"
-            raise
-        except BaseException:
-            state, status = "FAIL", "FAILED"
-            raise
-        finally:
-            if tracker is not None:
-                tracker.set_tags({"optuna.state": state})
-                tracker.finish(status)
-            print(
-                f"trial {trial.number} (worker {plan.worker}): {state.lower()} {_short(values)}",
-                file=sys.stderr,
-            )
+        state = "FAIL"
+        # a pruned trial's run ends KILLED, a failed one FAILED (Tracker.ending), tagged with Optuna's state
+        ending = tracker.ending(killed=(optuna.TrialPruned,)) if tracker else contextlib.nullcontext()
+        with ending:
+            try:
+                with tempfile.TemporaryDirectory(prefix=f"trial{trial.number}-") as tmp:
+                    fit(trial_params, data, tmp, on_epoch=report, progress=False)
+                finite = [v for v in seen if not math.isnan(v)]
+                if not finite:
+                    raise MdkatError(f"trial {trial.number}: validation {tune.metric} was NaN in every epoch")
+                value = better(finite)
+                if tracker is not None:
+                    tracker.log_metrics({"objective": value})
+                state = "COMPLETE"
+                return value
+            except optuna.TrialPruned:
+                state = "PRUNED"
+                raise
+            finally:
+                if tracker is not None:
+                    tracker.set_tags({"optuna.state": state})
+                print(
+                    f"trial {trial.number} (worker {plan.worker}): {state.lower()} {_short(values)}",
+                    file=sys.stderr,
+                )
 
     return objective
 
@@ -337,12 +301,8 @@ def _parent_run(
 ) -> Iterator[Tracker]:
     tags = {**run_tags(manifest, manifest_sha), "optuna.study": name, "workers": str(workers)}
     tracker = Tracker.start(params.mlflow.experiment, f"tune {name}", flat_params(params), tags)
-    try:
+    with tracker.ending():
         yield tracker
-    except BaseException as e:
-        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    tracker.finish()
 
 
 def tune(

@@ -1,24 +1,115 @@
-"""Shared fixtures: the real parameter file, shrunk for speed."""
+"""Shared fixtures: the real parameter file, shrunk for speed; temporary MLflow stores; one torch thread."""
 
 from __future__ import annotations
 
-import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from mlflow.tracking import MlflowClient
 
-from mdkat.config import DataConfig, load_params
+from mdkat.config import DataConfig, Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# params.yaml shrunk to seconds per training: tiny splits, narrow models, four epochs
+TINY = [
+    "data.synthetic.n_train=48",
+    "data.synthetic.n_valid=16",
+    "data.synthetic.n_test=20",
+    "data.synthetic.dims.text=24",
+    "data.seq_len=12",
+    "model.mdkat.width=16",
+    "model.mdkat.heads=2",
+    "model.late_fusion.width=16",
+    "model.late_fusion.heads=2",
+    "train.epochs=4",
+    "train.batch_size=16",
+    "train.patience=10",
+]
+
+
+def tiny_params(*overrides: str) -> Params:
+    """`params.yaml` with TINY, then `overrides`."""
+    return load_params(ROOT / "params.yaml", [*TINY, *overrides])
+
+
+def prepared(params: Params, folder: Path) -> Path:
+    """`params.data` written as the prepare stage would, into `folder/prepared`."""
+    from mdkat.data.prepare import prepare
+
+    prepare(params.data, folder / "prepared")
+    return folder / "prepared"
 
 
 def small_data(**changes) -> DataConfig:
     """`params.yaml`'s data section with tiny synthetic splits, then `changes` applied."""
     data = load_params(ROOT / "params.yaml").data
-    synthetic = dataclasses.replace(data.synthetic, n_train=24, n_valid=8, n_test=10)
-    return dataclasses.replace(data, synthetic=synthetic, **changes)
+    synthetic = data.synthetic.model_copy(update={"n_train": 24, "n_valid": 8, "n_test": 10})
+    return data.model_copy(update={"synthetic": synthetic, **changes})
+
+
+class Stop(Exception):
+    """What a test raises from `fit`'s `on_epoch` to end a run as an interruption would."""
+
+
+def stop_after(epoch: int, then=None):
+    """An `on_epoch` callback that calls `then` (the caller's own callback) and interrupts the run after
+    `epoch`: that epoch's checkpoint is saved by then, as when a process is killed between epochs."""
+
+    def callback(done: int, row: dict) -> None:
+        if then is not None:
+            then(done, row)
+        if done >= epoch:
+            raise Stop(done)
+
+    return callback
 
 
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: a second intra-op thread only adds barriers, and when the other core is busy (another
+    test process) OpenMP's spinning makes every operator orders of magnitude slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow sqlite database for the tests to copy: migrating one takes seconds."""
+    folder = tmp_path_factory.mktemp("empty-store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)  # the default experiment's artifact root is taken from the cwd
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+def use_store(folder: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> str:
+    """Make `folder` the project root and the cwd, with its own sqlite MLflow store; return its URI.
+
+    An empty dvc.yaml makes it the project root, so relative stores and mlruns/ land there, never in the
+    repository's.
+    """
+    (folder / "dvc.yaml").touch()
+    shutil.copyfile(empty_store, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(folder)
+    # tags depend on these; a test run inside a DVC experiment must not see its own stage's values
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    return uri
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, empty_store) -> str:
+    """This test's tracking URI: a fresh sqlite store in tmp_path, which is also the project root."""
+    return use_store(tmp_path, monkeypatch, empty_store)

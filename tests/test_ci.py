@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,9 +10,9 @@ import pytest
 import yaml
 
 from mdkat import ci
-from mdkat.config import Tolerances, load_params
+from mdkat.config import load_params
 from mdkat.errors import MdkatError
-from mdkat.metrics import METRIC_NAMES
+from mdkat.metrics import BY_NAME, METRIC_NAMES
 from tests.conftest import ROOT
 
 BASE = {"mae": 1.0, "corr": 0.5, "acc7": 0.3, "acc5": 0.3, "acc2_has0": 0.7, "f1_has0": 0.7, "acc2_non0": 0.7,
@@ -21,22 +20,21 @@ BASE = {"mae": 1.0, "corr": 0.5, "acc7": 0.3, "acc5": 0.3, "acc2_has0": 0.7, "f1
 
 
 def _verdicts(now: dict[str, float]) -> dict[str, str]:
-    params = load_params(ROOT / "params.yaml")
-    return {r["metric"]: r["verdict"] for r in ci.compare(BASE, {**BASE, **now}, params)}
+    return {r["metric"]: r["verdict"] for r in ci.compare(BASE, {**BASE, **now})}
 
 
-def test_tolerances_cover_every_metric():
-    assert [f.name for f in dataclasses.fields(Tolerances)] == list(METRIC_NAMES)
+def test_every_metric_has_a_positive_tolerance():
+    assert sorted(BASE) == sorted(METRIC_NAMES)
+    assert all(BY_NAME[m].ci_tolerance > 0 for m in METRIC_NAMES)
 
 
 def test_verdicts_follow_each_metrics_direction_and_tolerance():
-    tol = load_params(ROOT / "params.yaml").ci.tolerance
-    worse_mae = BASE["mae"] + 2 * tol.mae  # MAE: higher is worse
-    assert _verdicts({"mae": worse_mae})["mae"] == "REGRESSION"
-    assert _verdicts({"mae": BASE["mae"] + tol.mae / 2})["mae"] == "ok"
-    assert _verdicts({"mae": BASE["mae"] - 2 * tol.mae})["mae"] == "better"
-    assert _verdicts({"corr": BASE["corr"] - 2 * tol.corr})["corr"] == "REGRESSION"  # lower is worse
-    assert _verdicts({"corr": BASE["corr"] + 2 * tol.corr})["corr"] == "better"
+    mae, corr = BY_NAME["mae"].ci_tolerance, BY_NAME["corr"].ci_tolerance
+    assert _verdicts({"mae": BASE["mae"] + 2 * mae})["mae"] == "REGRESSION"  # MAE: higher is worse
+    assert _verdicts({"mae": BASE["mae"] + mae / 2})["mae"] == "ok"
+    assert _verdicts({"mae": BASE["mae"] - 2 * mae})["mae"] == "better"
+    assert _verdicts({"corr": BASE["corr"] - 2 * corr})["corr"] == "REGRESSION"  # lower is worse
+    assert _verdicts({"corr": BASE["corr"] + 2 * corr})["corr"] == "better"
     assert _verdicts({"acc2_non0": math.nan})["acc2_non0"] == "REGRESSION"  # undefined is never fine
     assert set(_verdicts({}).values()) == {"ok"}
 

@@ -6,6 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from mdkat.data import DataError
+from mdkat.data.prepare import prepare
+
 SMALL = ["-S", "data.synthetic.n_train=12", "-S", "data.synthetic.n_valid=4", "-S", "data.synthetic.n_test=6"]
 
 
@@ -60,3 +65,20 @@ def test_console_script_help(root):
         text=True,
     )
     assert "--out" in result.stdout and "-S KEY=VALUE" in result.stdout
+
+
+def test_an_unknown_data_source_is_refused_before_any_work(root, tmp_path):
+    out = tmp_path / "prepared"
+    result = _run(root, "--out", str(out), *SMALL, "-S", "data.source=cmu_sdk")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    expected = "'data.source' expected one of ['synthetic', 'mmsa', 'cmu-sdk'], got 'cmu_sdk'"
+    assert expected in result.stderr and "(set by -S data.source=cmu_sdk)" in result.stderr
+    assert not out.exists()
+
+
+def test_prepare_never_falls_through_to_another_source(tmp_path):
+    from tests.conftest import small_data
+
+    with pytest.raises(DataError, match="expected one of .*, got 'cmu_sdk'"):
+        prepare(small_data(source="cmu_sdk"), tmp_path / "prepared")  # no check_params before it
+    assert not (tmp_path / "prepared").exists()

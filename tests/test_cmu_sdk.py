@@ -6,7 +6,6 @@ carry the value w, vision frames 10 w, word vectors 100 + w.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +66,7 @@ def _write_mosi(folder: Path, *, neg_inf: bool = False) -> None:
 
 
 def _cfg(**changes):
-    return dataclasses.replace(small_data(source="cmu-sdk", dataset="mosi"), **changes)
+    return small_data(source="cmu-sdk", dataset="mosi").model_copy(update=changes)
 
 
 def test_folds_are_the_sdk_standard():

@@ -26,22 +26,17 @@ from nbclient import NotebookClient
 from mdkat.cli import main
 from mdkat.compare import ablation_table, learning_curves, load_study, runs_table, study_figures
 from mdkat.tracking import Tracker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY
 
 RUN_COLUMNS = ["run_id", "run_name", "kind", "status", "start_time", "model", "variant", "seed"]
 N_TRIALS = 2
-TINY = [
+SETTINGS = [
+    *TINY,
     "data.synthetic.n_train=64",
     "data.synthetic.n_valid=32",
     "data.synthetic.n_test=32",
-    "data.synthetic.dims.text=24",
-    "data.seq_len=12",
-    "model.width=16",
-    "model.heads=2",
     "train.device=cpu",
-    "train.batch_size=16",
     "train.epochs=3",
-    "train.patience=10",
     f"tune.n_trials={N_TRIALS}",
     "tune.epochs=1",
 ]
@@ -74,7 +69,8 @@ def project(tmp_path_factory) -> Project:
         try:
             with pytest.MonkeyPatch.context() as cores:
                 cores.setattr(os, "cpu_count", lambda: 1)
-                common = ["--params", str(root / "params.yaml"), *(a for item in TINY for a in ("-S", item))]
+                overrides = [a for item in SETTINGS for a in ("-S", item)]
+                common = ["--params", str(root / "params.yaml"), *overrides]
                 # dvc.yaml's commands, from the project folder (the cwd)
                 for stage in (
                     "prepare --out data/prepared",
@@ -113,7 +109,7 @@ def test_runs_table_has_the_training_run_with_its_test_metrics(project):
         assert row[f"test_{name}"] == pytest.approx(value, rel=1e-12, abs=0.0)
     assert row["best_valid_mae"] == pytest.approx(min(float(r["valid_mae"]) for r in project.history))
     # the tuned weights reached the training run's parameters
-    assert row["loss.ka"] == pytest.approx(project.best["params"]["loss.ka"])
+    assert row["loss.mdkat.ka"] == pytest.approx(project.best["params"]["loss.mdkat.ka"])
 
 
 def test_runs_table_lists_trial_runs_only_when_asked(project):
@@ -138,7 +134,7 @@ def test_runs_table_shows_report_runs_with_variant_and_seed(project, tmp_path, m
     child = Tracker.start(
         "mdkat",
         "no_ka seed 1112",
-        {"model.name": "mdkat", "loss.ka": "0.1"},
+        {"model.name": "mdkat", "loss.mdkat.ka": "0.1"},
         {**budget, "report.variant": "no_ka", "report.seed": "1112"},
         parent=parent.run_id,
     )

@@ -1,12 +1,15 @@
-"""params.yaml into frozen dataclasses: unknown keys, wrong types and overrides."""
+"""params.yaml into a frozen schema: unknown keys, wrong types, ranges, overrides, registry choices."""
 
 from __future__ import annotations
 
-import dataclasses
+import subprocess
+import sys
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
+from mdkat.checks import load_checked
 from mdkat.config import ConfigError, Params, load_params, parse_override, to_flat_dict
 
 
@@ -23,7 +26,7 @@ def test_real_params_file_loads_frozen(root):
     assert isinstance(params, Params)
     assert params.data.source == "synthetic"
     assert params.data.synthetic.dims.text == 768
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         params.data.seed = 3  # type: ignore[misc]
 
 
@@ -60,7 +63,7 @@ def test_missing_key_names_it(tmp_path, root):
 def test_wrong_types_name_file_and_key(tmp_path, root, key, value, expected):
     path = _write(tmp_path, root, lambda r: r["data"].update({key: value}))
     with pytest.raises(ConfigError, match=rf"p\.yaml: '?data\.{key}'? ?.*{expected}"):
-        load_params(path)
+        load_checked(path)  # the data source is a registry's choice, checked right after the schema
 
 
 def test_int_accepted_where_float_expected(tmp_path, root):
@@ -109,3 +112,74 @@ def test_flat_dict_has_dotted_keys(root):
     assert flat["data.synthetic.dims.audio"] == 5
     assert flat["data.synthetic.unaligned_len.vision"] == 500
     assert all("." in k for k in flat)
+
+
+def test_reading_the_parameters_loads_neither_torch_nor_a_model(root):
+    code = (
+        "import sys; from mdkat.config import load_params; load_params('params.yaml'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sklearn', 'mlflow', 'optuna')"
+        " or m.startswith('mdkat.models')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.batch_size=0", r"'train.batch_size' expected a value > 0, got int 0"),
+        ("train.lr=-1e-3", r"'train.lr' expected a value > 0.0, got float -0.001"),
+        ("train.lr_factor=1.0", r"'train.lr_factor' expected a value < 1.0, got float 1.0"),
+        ("tune.n_trials=0", r"'tune.n_trials' expected a value > 0"),
+        ("data.seq_len=-5", r"'data.seq_len' expected a value > 0"),
+        ("report.alpha=1.5", r"'report.alpha' expected a value < 1.0"),
+        ("train.select_on=accuracy", r"'train.select_on' expected one of \['mae', 'corr'"),
+    ],
+)
+def test_out_of_range_values_name_the_key_and_the_override(root, override, expected):
+    with pytest.raises(ConfigError, match=rf"params\.yaml: {expected}.* \(set by -S {override}\)"):
+        load_params(root / "params.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.mdkat.widht=3", r"unknown key 'model\.mdkat\.widht' \(allowed in 'model\.mdkat': width, "),
+        ("model.mdkat.width=wide", r"'model\.mdkat\.width' expected int, got str 'wide'"),
+        ("model.late_fusion.dropout=1.0", r"'model\.late_fusion\.dropout' expected a value < 1"),
+        ("model.mdkat.use_ka=1", r"'model\.mdkat\.use_ka' expected bool, got int 1"),
+        ("model.mdkat.conv_kernel.text=4", r"'model\.mdkat\.conv_kernel' must be odd.*'text': 4"),
+        ("model.mdkat.heads=7", r"'model\.mdkat' width 50 is not divisible by heads 7"),
+        ("model.name=nope", r"'model\.name' expected one of \['late_fusion', 'mdkat'\], got 'nope'"),
+        ("model.nope.width=3", r"'model\.nope' is not a model"),
+        ("loss.mdkat.kaa=0.1", r"'loss\.mdkat\.kaa' is not a loss term of mdkat: \['unimodal'"),
+        ("loss.late_fusion.ka=0.1", r"'loss\.late_fusion\.ka' is not a loss term of late_fusion: \[\]"),
+        ("loss.mdkat.ka=high", r"'loss\.mdkat\.ka' expected float, got str 'high'"),
+    ],
+)
+def test_model_sections_are_checked_by_their_model_naming_file_key_and_override(root, override, expected):
+    with pytest.raises(ConfigError, match=rf"params\.yaml: .*{expected}.*\(set by -S {override}\)"):
+        load_checked(root / "params.yaml", [override])
+
+
+def test_the_chosen_model_needs_its_section_and_weights(tmp_path, root):
+    path = _write(tmp_path, root, lambda r: r["model"].pop("late_fusion"))
+    load_checked(path)  # another model's section may be left out ...
+    with pytest.raises(ConfigError, match=r"'model\.late_fusion' is missing.*\(set by -S model\.name="):
+        load_checked(path, ["model.name=late_fusion"])  # ... the chosen one's may not
+    path = _write(tmp_path, root, lambda r: r["loss"]["mdkat"].pop("kt"))
+    with pytest.raises(ConfigError, match=r"p\.yaml: 'loss\.mdkat\.kt' missing"):
+        load_checked(path)
+
+
+def test_chosen_flat_dict_leaves_out_other_models(root):
+    from mdkat.config import chosen_flat_dict, with_values
+
+    params = load_params(root / "params.yaml")
+    keys = set(chosen_flat_dict(params))
+    assert "model.mdkat.width" in keys and "loss.mdkat.ka" in keys and "train.lr" in keys
+    assert not any(k.startswith("model.late_fusion") for k in keys)
+    late = set(chosen_flat_dict(with_values(params, {"model.name": "late_fusion"})))
+    assert "model.late_fusion.width" in late
+    assert not any(k.startswith(("model.mdkat", "loss.mdkat")) for k in late)
+    assert set(to_flat_dict(params)) == keys | late

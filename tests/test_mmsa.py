@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import hashlib
 import os
 import pickle
@@ -63,7 +62,7 @@ def _write(path: Path, data: object, protocol: int = pickle.HIGHEST_PROTOCOL) ->
 
 
 def _mmsa_cfg(**changes):
-    return dataclasses.replace(load_params(ROOT / "params.yaml").data, source="mmsa", **changes)
+    return load_params(ROOT / "params.yaml").data.model_copy(update={"source": "mmsa", **changes})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,9 +377,8 @@ def test_prepare_downloads_by_url_and_verifies_the_published_digest(tmp_path):
         assert len(load_prepared(tmp_path / "out").train) == SIZES["train"]
 
         # a digest that does not belong to the file: refused, nothing kept, no output written
+        wrong = cfg.model_copy(update={"sha256": "0" * 64, "cache_dir": str(tmp_path / "c2")})
         with pytest.raises(DownloadError, match="0{64}"):
-            prepare(
-                dataclasses.replace(cfg, sha256="0" * 64, cache_dir=str(tmp_path / "c2")), tmp_path / "o2"
-            )
+            prepare(wrong, tmp_path / "o2")
     assert not (tmp_path / "o2").exists()
     assert not [p for p in (tmp_path / "c2").rglob("*") if p.is_file()]

@@ -11,22 +11,16 @@ import torch.nn.functional as F
 
 from mdkat import MODALITIES
 from mdkat.config import load_params
-from mdkat.models import encoders, losses
+from mdkat.models import config_of, encoders, losses
 from mdkat.models.amsa import AdaptiveMaskedSelfAttention
 from mdkat.models.ka import LABEL_SCALE, KnowledgeAggregation
 from mdkat.models.kt import KnowledgeTransfer
 from tests.conftest import ROOT
 
-PARAMS = load_params(ROOT / "params.yaml").model
+PARAMS = config_of(load_params(ROOT / "params.yaml"), "mdkat")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: a second intra-op thread only adds barriers (and spins when the other core is busy)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -13,13 +13,15 @@ import pytest
 import torch
 
 from mdkat import MODALITIES
-from mdkat.config import ConfigError, ModalityFloats, load_params
+from mdkat.checks import load_checked
+from mdkat.config import ConfigError, Params, load_params, with_values
 from mdkat.data import Batch
 from mdkat.data.synthetic import generate
-from mdkat.models import REGISTRY, build, loss_terms
+from mdkat.models import REGISTRY, build, config_of, loss_terms
 from tests.conftest import ROOT, small_data
 
 PARAMS = load_params(ROOT / "params.yaml")
+WEIGHTS = PARAMS.weights("mdkat")
 MOSI = {"text": 768, "audio": 5, "vision": 20}
 MOSEI = {"text": 768, "audio": 74, "vision": 35}
 ALIGNED = {"text": 50, "audio": 50, "vision": 50}
@@ -29,24 +31,17 @@ SMALL_UNALIGNED = {"text": 12, "audio": 30, "vision": 41}
 ALL_TERMS = ("task", "unimodal", "rec", "orth", "ka", "kt")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: a second intra-op thread only adds barriers, and when the other core is
-    busy (another test process) OpenMP's spinning makes every operator orders of magnitude slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def config(**changes):
-    """`params.yaml`'s model section with `changes`."""
-    return dataclasses.replace(PARAMS.model, **changes)
+def setup(name: str = "mdkat", **changes) -> Params:
+    """`params.yaml` with model `name` chosen and `changes` made to its section."""
+    return with_values(PARAMS, {"model.name": name, **{f"model.{name}.{k}": v for k, v in changes.items()}})
 
 
-def small(**changes):
+def small(name: str = "mdkat", **changes) -> Params:
     """A narrow model for tests whose point does not depend on the width."""
-    return config(width=16, heads=2, **changes)
+    return setup(name, width=16, heads=2, **changes)
 
 
 def random_batch(n: int, steps: dict[str, int], dims: dict[str, int], seed: int) -> Batch:
@@ -96,15 +91,15 @@ def n_params(module: torch.nn.Module) -> int:
 @pytest.mark.parametrize("steps", [ALIGNED, UNALIGNED], ids=["aligned", "unaligned"])
 @pytest.mark.parametrize("n", [1, 3])
 def test_output_shapes_for_both_datasets_alignments_and_batch_sizes(name, dims, steps, n):
-    cfg = config(name=name)
-    d = cfg.width
-    model = build(cfg, dims)
+    p = setup(name)
+    d = config_of(p).width
+    model = build(p, dims)
     batch = random_batch(n, steps, dims, seed=n)
     with torch.no_grad():
         out = model(batch)
-        _, terms = model.loss(out, batch, PARAMS.loss)
+        _, terms = model.loss(out, batch, p.weights())
     assert out.pred.shape == (n,)
-    assert tuple(terms) == loss_terms(cfg)
+    assert tuple(terms) == loss_terms(p)
     assert all(v.shape == () and torch.isfinite(v) for v in terms.values()), terms
     assert {m: out.mask[m].shape for m in MODALITIES} == {m: (n, steps[m]) for m in MODALITIES}
     assert {m: out.pooled_specific[m].shape for m in MODALITIES} == {m: (n, d) for m in MODALITIES}
@@ -128,9 +123,10 @@ def test_output_shapes_for_both_datasets_alignments_and_batch_sizes(name, dims, 
 # to the per-modality calls, which must agree with it
 @pytest.mark.parametrize("extra", [(6, 6, 6), (3, 11, 17)], ids=["equal", "unequal"])
 def test_predictions_ignore_appended_padding_and_its_values(name, steps, extra):
-    assert config().use_cff and config().use_amsa and config().use_decoupling  # every module is on
+    cfg = config_of(PARAMS, "mdkat")
+    assert cfg.use_cff and cfg.use_amsa and cfg.use_decoupling  # every module is on
     torch.manual_seed(0)
-    model = build(config(name=name), MOSI).eval()
+    model = build(setup(name), MOSI).eval()
     batch = random_batch(5, steps, MOSI, seed=1)
     extra = dict(zip(MODALITIES, extra, strict=True))
     with torch.no_grad():
@@ -158,27 +154,27 @@ def test_garbage_padding_lands_on_every_padded_step_and_nowhere_else():
 
 
 @pytest.mark.parametrize(
-    "changes",
+    ("name", "changes"),
     [
-        {},
-        {"use_cff": False},
-        {"use_amsa": False},
-        {"use_ka": False},
-        {"use_kt": False},
-        {"use_decoupling": False},
-        {"name": "late_fusion"},
+        ("mdkat", {}),
+        ("mdkat", {"use_cff": False}),
+        ("mdkat", {"use_amsa": False}),
+        ("mdkat", {"use_ka": False}),
+        ("mdkat", {"use_kt": False}),
+        ("mdkat", {"use_decoupling": False}),
+        ("late_fusion", {}),
     ],
     ids=["mdkat", "no_cff", "no_amsa", "no_ka", "no_kt", "no_decoupling", "late_fusion"],
 )
-def test_every_parameter_receives_a_nonzero_gradient(changes):
+def test_every_parameter_receives_a_nonzero_gradient(name, changes):
     torch.manual_seed(0)
-    model = build(small(**changes), MOSI).train()
+    model = build(small(name, **changes), MOSI).train()
     # an odd batch: the L1 gradient of a head's output bias is the mean of +-1 signs, zero for an even
     # batch split half above and half below the labels
     batch = random_batch(5, SMALL_UNALIGNED, MOSI, seed=5)
     # a first forward gives KT running errors, hence non-zero transfer weights, for the second
-    model.loss(model(batch), batch, PARAMS.loss)
-    total, _ = model.loss(model(batch), batch, PARAMS.loss)
+    model.loss(model(batch), batch, WEIGHTS)
+    total, _ = model.loss(model(batch), batch, WEIGHTS)
     total.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, f"parameters without gradient: {dead}"
@@ -198,12 +194,12 @@ SWITCHES = {
 def test_each_switch_removes_its_module_parameters_and_loss_term(switch):
     removed, expected_terms = SWITCHES[switch]
     full = build(small(), MOSI)
-    cfg = small(**{switch: False})
-    ablated = build(cfg, MOSI).train()
+    p = small(**{switch: False})
+    ablated = build(p, MOSI).train()
 
     batch = random_batch(3, SMALL_ALIGNED, MOSI, seed=6)
-    _, terms = ablated.loss(ablated(batch), batch, PARAMS.loss)
-    assert tuple(terms) == loss_terms(cfg) == expected_terms
+    _, terms = ablated.loss(ablated(batch), batch, WEIGHTS)
+    assert tuple(terms) == loss_terms(p) == expected_terms
 
     assert all(getattr(ablated, name, None) is None for name in removed)
     dropped = sum(n_params(getattr(full, name)) for name in removed)
@@ -221,19 +217,20 @@ def test_each_switch_removes_its_module_parameters_and_loss_term(switch):
 
 
 def test_full_model_computes_every_loss_term():
-    cfg = small()
-    model = build(cfg, MOSI)
+    p = small()
+    model = build(p, MOSI)
     batch = random_batch(3, SMALL_ALIGNED, MOSI, seed=7)
-    _, terms = model.loss(model(batch), batch, PARAMS.loss)
-    assert tuple(terms) == loss_terms(cfg) == ALL_TERMS
+    _, terms = model.loss(model(batch), batch, WEIGHTS)
+    assert tuple(terms) == loss_terms(p) == ALL_TERMS
 
 
-def test_late_fusion_has_only_the_task_term_whatever_the_switches():
-    for cfg in (config(name="late_fusion"), config(name="late_fusion", use_ka=False, use_kt=False)):
-        model = build(cfg, MOSI)
-        batch = random_batch(3, SMALL_ALIGNED, MOSI, seed=8)
-        total, terms = model.loss(model(batch), batch, PARAMS.loss)
-        assert tuple(terms) == loss_terms(cfg) == ("task",)
+def test_late_fusion_has_only_the_task_term_whatever_weights_it_is_given():
+    p = setup("late_fusion")
+    model = build(p, MOSI)
+    batch = random_batch(3, SMALL_ALIGNED, MOSI, seed=8)
+    for weights in (p.weights(), WEIGHTS):
+        total, terms = model.loss(model(batch), batch, weights)
+        assert tuple(terms) == loss_terms(p) == ("task",)
         assert total.item() == terms["task"].item()
 
 
@@ -243,12 +240,12 @@ def test_total_loss_weights_each_term_by_its_own_weight():
     batch = random_batch(3, SMALL_ALIGNED, MOSI, seed=9)
     with torch.no_grad():
         out = model(batch)
-        zero = dataclasses.replace(PARAMS.loss, unimodal=0.0, rec=0.0, orth=0.0, ka=0.0, kt=0.0)
+        zero = dict.fromkeys(ALL_TERMS[1:], 0.0)
         total, terms = model.loss(out, batch, zero)
         assert total.item() == terms["task"].item()
         # one weight at a time: the total moves by that weight times that term, and nothing else
         for name in ALL_TERMS[1:]:
-            one = dataclasses.replace(zero, **{name: 2.5})
+            one = {**zero, name: 2.5}
             moved, _ = model.loss(out, batch, one)
             assert moved.item() == pytest.approx(terms["task"].item() + 2.5 * terms[name].item(), rel=1e-6)
 
@@ -290,15 +287,16 @@ def test_kt_running_errors_live_in_the_state_dict_and_move_only_in_training():
 def test_task_l1_falls_by_90_percent_when_overfitting_32_samples(name):
     max_steps = 60  # both models get there in about 25 full-batch Adam steps (lr 3e-3, width 32)
     data = small_data()
-    data = dataclasses.replace(data, synthetic=dataclasses.replace(data.synthetic, n_train=32))
+    data = data.model_copy(update={"synthetic": data.synthetic.model_copy(update={"n_train": 32})})
     batch = Batch.from_arrays(generate(data).splits["train"])
-    no_dropout = ModalityFloats(text=0.0, audio=0.0, vision=0.0)
+    no_dropout = dict.fromkeys(MODALITIES, 0.0)
     torch.manual_seed(0)
-    model = build(config(name=name, width=32, heads=2, dropout=0.0, input_dropout=no_dropout), MOSI).train()
+    p = setup(name, width=32, heads=2, dropout=0.0, input_dropout=no_dropout)
+    model = build(p, MOSI).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     history = []
     for _ in range(max_steps):
-        total, terms = model.loss(model(batch), batch, PARAMS.loss)
+        total, terms = model.loss(model(batch), batch, p.weights())
         history.append(terms["task"].item())
         if history[-1] < 0.1 * history[0]:
             break
@@ -309,15 +307,16 @@ def test_task_l1_falls_by_90_percent_when_overfitting_32_samples(name):
 
 
 def test_same_seed_gives_identical_outputs_and_gradients_in_training_mode():
-    cfg = small()
+    p = small()
+    cfg = config_of(p)
     assert cfg.dropout > 0 and cfg.input_dropout.text > 0  # dropout draws must be reproducible too
     batch = random_batch(4, SMALL_UNALIGNED, MOSI, seed=12)
 
     def run(seed):
         torch.manual_seed(seed)
-        model = build(cfg, MOSI).train()
+        model = build(p, MOSI).train()
         out = model(batch)
-        total, terms = model.loss(out, batch, PARAMS.loss)
+        total, terms = model.loss(out, batch, WEIGHTS)
         total.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         return out.pred.detach(), terms, grads
@@ -337,7 +336,7 @@ def test_same_seed_gives_identical_outputs_and_gradients_in_training_mode():
 
 def test_unknown_model_name_is_rejected_when_loading_params():
     with pytest.raises(ConfigError) as raised:
-        load_params(ROOT / "params.yaml", ["model.name=nope"])
+        load_checked(ROOT / "params.yaml", ["model.name=nope"])
     assert raised.value.key == "model.name"
     message = str(raised.value)
     assert "model.name" in message and "'nope'" in message

@@ -8,10 +8,12 @@ import math
 import pandas as pd
 import pytest
 
-from mdkat.config import load_params, with_values
+from mdkat.checks import load_checked
+from mdkat.config import ConfigError, load_params, with_values
 from mdkat.data.prepare import prepare
 from mdkat.metrics import METRIC_NAMES
-from mdkat.models import ABLATIONS, REGISTRY
+from mdkat.models import REGISTRY, config_of
+from mdkat.models.mdkat import MDKAT
 from mdkat.report import fingerprint, report, run_params, summarize
 from tests.conftest import ROOT, small_data
 
@@ -28,7 +30,8 @@ def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
 def test_summary_matches_hand_computed_paired_t_test():
     # differences 1, 2, 3: mean 2, sd 1, t = 2 / (1 / sqrt 3) = 2 sqrt 3 with 2 degrees of freedom, where
     # the two-sided p-value has the closed form 1 - |t| / sqrt(t^2 + 2) = 1 - sqrt(12 / 14)
-    table = summarize(_runs({"mdkat": [10.0, 20.0, 30.0], "no_ka": [11.0, 22.0, 33.0]}), alpha=0.05)
+    runs = _runs({"mdkat": [10.0, 20.0, 30.0], "no_ka": [11.0, 22.0, 33.0]})
+    table = summarize(runs, alpha=0.05, reference="mdkat")
     row = table[(table.variant == "no_ka") & (table.metric == "mae")].iloc[0]
     assert row["mean"] == pytest.approx(22.0)
     assert row["std"] == pytest.approx(11.0)  # sample std of 11, 22, 33
@@ -43,7 +46,9 @@ def test_summary_matches_hand_computed_paired_t_test():
 
 def test_identical_variants_are_not_significant_and_a_consistent_gap_is():
     table = summarize(
-        _runs({"mdkat": [1.0, 2.0, 4.0], "no_kt": [1.0, 2.0, 4.0], "no_cff": [1.5, 2.49, 4.51]}), alpha=0.05
+        _runs({"mdkat": [1.0, 2.0, 4.0], "no_kt": [1.0, 2.0, 4.0], "no_cff": [1.5, 2.49, 4.51]}),
+        alpha=0.05,
+        reference="mdkat",
     )
     same = table[(table.variant == "no_kt") & (table.metric == "corr")].iloc[0]
     assert same["diff"] == 0.0 and same["p_value"] == 1.0 and not same["significant"]
@@ -52,11 +57,10 @@ def test_identical_variants_are_not_significant_and_a_consistent_gap_is():
 
 
 def test_run_params_apply_the_variant_seed_and_budget():
-    params = load_params(ROOT / "params.yaml")
-    assert set(params.report.variants) <= set(ABLATIONS)
-    assert {v["model.name"] for v in ABLATIONS.values() if "model.name" in v} <= set(REGISTRY)
+    params = load_checked(ROOT / "params.yaml", variants=True)
+    assert set(params.report.variants) <= {*REGISTRY, *MDKAT.ABLATIONS}
     p = run_params(params, "no_decoupling", 1113)
-    assert p.model.use_decoupling is False and p.model.use_cff is True
+    assert config_of(p).use_decoupling is False and config_of(p).use_cff is True
     assert p.train.seed == 1113
     assert (p.train.epochs, p.train.patience) == (params.report.budget.epochs, params.report.budget.patience)
     unbudgeted = with_values(params, {"report.budget.epochs": None, "report.budget.patience": None})
@@ -77,8 +81,10 @@ def tiny(tmp_path):
         load_params(ROOT / "params.yaml"),
         {
             "data.synthetic.n_train": 24,
-            "model.width": 16,
-            "model.heads": 2,
+            "model.mdkat.width": 16,
+            "model.mdkat.heads": 2,
+            "model.late_fusion.width": 16,
+            "model.late_fusion.heads": 2,
             "train.device": "cpu",
             "train.batch_size": 8,
             "report.variants": ["mdkat", "no_kt", "late_fusion"],
@@ -123,3 +129,16 @@ def test_report_writes_tables_and_resumes_only_what_is_missing(tiny, tmp_path, c
     capsys.readouterr()
     report(with_values(params, {"report.budget.epochs": 2}), data, out, track=False)
     assert capsys.readouterr().err.count(": training") == 6
+
+
+def test_variants_are_the_chosen_models_ablations_or_other_models(root):
+    def load(*overrides):
+        return load_checked(root / "params.yaml", overrides, variants=True)
+
+    with pytest.raises(ConfigError, match=r"'report.variants' expected items of .*, got 'no_cfff'"):
+        load("report.variants=[mdkat, no_cfff]")
+    # late fusion has no ablations: MDKAT's are not its variants
+    with pytest.raises(ConfigError, match=r"expected items of \['mdkat', 'late_fusion'\], got 'no_cff'"):
+        load("model.name=late_fusion")
+    # ... but the train stage's checks do not read the report's list
+    load_checked(root / "params.yaml", ["model.name=late_fusion"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 from sklearn.linear_model import RidgeCV
@@ -18,8 +16,9 @@ from tests.conftest import small_data
 
 def _sized(n_train, n_valid, n_test, **syn_changes):
     cfg = small_data()
-    syn = dataclasses.replace(cfg.synthetic, n_train=n_train, n_valid=n_valid, n_test=n_test, **syn_changes)
-    return dataclasses.replace(cfg, synthetic=syn)
+    sizes = {"n_train": n_train, "n_valid": n_valid, "n_test": n_test}
+    syn = cfg.synthetic.model_copy(update={**sizes, **syn_changes})
+    return cfg.model_copy(update={"synthetic": syn})
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,7 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     for name in ("train.npz", "valid.npz", "test.npz", "manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert m1 == m2
-    m3 = prepare(dataclasses.replace(cfg, seed=cfg.seed + 1), tmp_path / "c")
+    m3 = prepare(cfg.model_copy(update={"seed": cfg.seed + 1}), tmp_path / "c")
     assert m3["files"]["train.npz"] != m1["files"]["train.npz"]
 
 

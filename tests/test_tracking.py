@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import hashlib
 import json
 import os
@@ -27,36 +26,29 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import torch
 import yaml
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 import mdkat.runs
 from mdkat import MODALITIES
-from mdkat.config import Params, load_params, to_flat_dict
+from mdkat.config import Params, chosen_flat_dict
 from mdkat.data import load_prepared
 from mdkat.data.prepare import prepare
 from mdkat.errors import MdkatError
+from mdkat.redact import redact
 from mdkat.runs import RUN_RECORD, evaluate_run, train_run
-from mdkat.tracking import check_reachable, redact
-from mdkat.training import CHECKPOINT, Interrupted, fit
-from tests.conftest import ROOT
-from tests.test_training import TINY
+from mdkat.tracking import check_reachable
+from mdkat.training import CHECKPOINT, fit
+from tests.conftest import ROOT, TINY, Stop, prepared, stop_after, tiny_params, use_store
 
 # a loss weight away from params.yaml's, so that the logged value is known whatever that file says
-SETTINGS = [*TINY, "loss.ka=0.25"]
+SETTINGS = ["loss.mdkat.ka=0.25"]
 SECRET_URL = "https://user:s3cret@example.org/x.pkl"
 SERVER_BOOT_S = 60.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # On a shared two-core machine, two processes with two torch threads each make tiny ops 100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,41 +63,10 @@ def _forget_mlflow_global_uri():
 
 
 @pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow sqlite database that each test copies: creating one takes seconds."""
-    folder = tmp_path_factory.mktemp("empty-store")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)  # the default experiment's artifact root is taken from the cwd
-        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
-    return folder / "mlflow.db"
-
-
-def _use_store(folder: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> str:
-    """Make `folder` the project root and its own sqlite store the tracking URI; return the URI."""
-    (folder / "dvc.yaml").touch()
-    shutil.copyfile(empty_store, folder / "mlflow.db")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(folder)
-    # tags depend on these; a test run inside a DVC experiment must not see its own stage's values
-    monkeypatch.delenv("DVC_STAGE", raising=False)
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    return uri
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch, empty_store) -> str:
-    """This test's tracking URI: a fresh sqlite store in tmp_path, which is also the project root."""
-    return _use_store(tmp_path, monkeypatch, empty_store)
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(params, prepared directory) of a tiny synthetic set-up, from the real params.yaml."""
-    params = load_params(ROOT / "params.yaml", SETTINGS)
-    out = tmp_path_factory.mktemp("tiny") / "prepared"
-    prepare(params.data, out)
-    return params, out
+    params = tiny_params(*SETTINGS)
+    return params, prepared(params, tmp_path_factory.mktemp("tiny"))
 
 
 @dataclass
@@ -132,7 +93,7 @@ def tracked(tmp_path_factory, tiny, empty_store) -> Tracked:
     params, data_dir = tiny
     root = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as mp:
-        uri = _use_store(root, mp, empty_store)
+        uri = use_store(root, mp, empty_store)
         mp.setenv("DVC_STAGE", "train")
         result = train_run(params, data_dir, root / "out")
         evaluate_run(params, data_dir, root / "out" / "model.pt", root / "metrics.json", root / "plots")
@@ -167,9 +128,10 @@ def _recorded_run_id(out: Path) -> str:
 
 def test_every_parameter_is_logged_as_a_string(tracked):
     logged = tracked.client.get_run(tracked.run_id).data.params
-    assert set(logged) == set(to_flat_dict(tracked.params))
-    assert logged["model.width"] == "16"
-    assert logged["loss.ka"] == "0.25"
+    assert set(logged) == set(chosen_flat_dict(tracked.params))
+    assert not any(key.startswith(("model.late_fusion", "loss.late_fusion")) for key in logged)
+    assert logged["model.mdkat.width"] == "16"
+    assert logged["loss.mdkat.ka"] == "0.25"
     assert logged["data.synthetic.n_train"] == "48"
     assert logged["train.lr"] == str(tracked.params.train.lr)
     assert logged["data.url"] == "None"
@@ -231,7 +193,8 @@ def test_artifacts_are_logged_into_the_project_mlruns(tracked):
         tracked.plots / "predictions.csv"
     ).read_bytes()
     resolved = yaml.safe_load((stored / "params.resolved.yaml").read_text())
-    assert resolved["model"]["width"] == 16 and resolved["train"]["epochs"] == tracked.params.train.epochs
+    assert resolved["model"]["mdkat"]["width"] == 16
+    assert resolved["train"]["epochs"] == tracked.params.train.epochs
 
 
 def test_the_pyfunc_model_is_a_logged_model_of_the_run(tracked):
@@ -285,8 +248,10 @@ def test_resume_continues_the_same_run_and_logs_each_epoch_once(tiny, store, tmp
     out = tmp_path / "out"
     client = MlflowClient(store)
     # the first attempt ends after epoch 2 as an interruption would, its checkpoint written
-    monkeypatch.setattr(mdkat.runs, "fit", functools.partial(fit, stop_after=2))
-    with pytest.raises(Interrupted):
+    monkeypatch.setattr(
+        mdkat.runs, "fit", lambda *a, on_epoch, **k: fit(*a, on_epoch=stop_after(2, then=on_epoch), **k)
+    )
+    with pytest.raises(Stop):
         train_run(params, data_dir, out)
     run_id = _recorded_run_id(out)
     assert client.get_run(run_id).info.status == "FAILED"
@@ -328,7 +293,7 @@ def test_a_failing_training_ends_the_run_and_propagates(tiny, store, tmp_path, m
 
 
 def test_a_password_in_a_parameter_is_logged_nowhere(store, tmp_path):
-    params = load_params(ROOT / "params.yaml", [*SETTINGS, f"data.url={SECRET_URL}"])
+    params = tiny_params(*SETTINGS, f"data.url={SECRET_URL}")
     assert params.data.source == "synthetic"
     # prepared with the same parameters, as the pipeline does: the manifest records them
     prepare(params.data, tmp_path / "prepared")
@@ -443,7 +408,7 @@ def test_a_run_is_recorded_through_a_tracking_server(mlflow_server, tiny, tmp_pa
     client = MlflowClient(mlflow_server.url)
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["model.width"] == "16" and run.data.params["loss.ka"] == "0.25"
+    assert run.data.params["model.mdkat.width"] == "16" and run.data.params["loss.mdkat.ka"] == "0.25"
     history = _history(tmp_path / "out" / "history.csv")
     logged = _steps(client, run.info.run_id, "valid_mae")
     assert logged == [(int(row["epoch"]), row["valid_mae"]) for row in history]
@@ -494,9 +459,9 @@ def test_an_unreachable_server_message_hides_the_password():
 
 def test_train_and_evaluate_stages_record_one_run(tiny, store, tmp_path):
     _, data_dir = tiny
-    overrides = [arg for item in SETTINGS for arg in ("-S", item)]
+    overrides = [arg for item in (*TINY, *SETTINGS) for arg in ("-S", item)]
     common = ["--params", str(ROOT / "params.yaml"), "--data", str(data_dir), *overrides]
-    # one torch thread in the children too (see _one_torch_thread); DVC names the stage it runs; the
+    # one torch thread in the children too (see one_torch_thread); DVC names the stage it runs; the
     # scripts import the package of this tree, whatever copy may be installed
     python_path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {

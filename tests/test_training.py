@@ -10,34 +10,22 @@ import pytest
 import torch
 import yaml
 
+from mdkat.checks import load_checked
 from mdkat.config import ConfigError, load_params
 from mdkat.data import load_prepared
-from mdkat.data.prepare import prepare
 from mdkat.evaluation import evaluate, seven_class
-from mdkat.training import Interrupted, fit, is_better, load_checkpoint, model_from_file, predict
-from tests.conftest import ROOT
-
-TINY = [
-    "data.synthetic.n_train=48",
-    "data.synthetic.n_valid=16",
-    "data.synthetic.n_test=20",
-    "data.synthetic.dims.text=24",
-    "data.seq_len=12",
-    "model.width=16",
-    "model.heads=2",
-    "train.epochs=4",
-    "train.batch_size=16",
-    "train.patience=10",
-]
+from mdkat.metrics import is_better
+from mdkat.training import fit, load_checkpoint, model_from_file, predict
+from tests.conftest import ROOT, Stop, prepared, stop_after, tiny_params
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(params, prepared directory) of a tiny synthetic set-up, from the real params.yaml."""
-    params = load_params(ROOT / "params.yaml", TINY)
-    out = tmp_path_factory.mktemp("tiny") / "prepared"
-    prepare(params.data, out)
-    return params, out
+    params = tiny_params()
+    return params, prepared(params, tmp_path_factory.mktemp("tiny"))
+
+
 
 
 def _fit(params, data_dir, out, **kwargs):
@@ -64,8 +52,8 @@ def test_same_seed_gives_identical_results(tiny, tmp_path):
 def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(tiny, tmp_path):
     params, data_dir = tiny
     whole = _fit(params, data_dir, tmp_path / "whole")
-    with pytest.raises(Interrupted):
-        _fit(params, data_dir, tmp_path / "cut", stop_after=2)
+    with pytest.raises(Stop):
+        _fit(params, data_dir, tmp_path / "cut", on_epoch=stop_after(2))
     assert not (tmp_path / "cut" / "model.pt").exists()
     resumed = _fit(params, data_dir, tmp_path / "cut", resume=True)
     assert _timeless(resumed.history) == _timeless(whole.history)
@@ -101,8 +89,8 @@ def test_best_weights_are_kept_and_reload_to_the_same_predictions(tiny, tmp_path
 
 def test_early_stopping_stops_after_patience(tiny, tmp_path):
     _, data_dir = tiny
-    # a learning rate of zero never improves on the first epoch
-    params = load_params(ROOT / "params.yaml", [*TINY, "train.lr=0.0", "train.patience=2", "train.epochs=10"])
+    # a learning rate far below float32's resolution leaves the weights as they are: no epoch improves
+    params = tiny_params("train.lr=1e-30", "train.patience=2", "train.epochs=10")
     result = _fit(params, data_dir, tmp_path)
     assert result.stopped_early
     assert len(result.history) == 3 and result.best_epoch == 1
@@ -130,7 +118,7 @@ def test_best_file_precedence(tmp_path):
     best.write_text(
         yaml.safe_dump(
             {
-                "params": {"loss.ka": 0.7, "train.lr": 0.003},
+                "params": {"loss.mdkat.ka": 0.7, "train.lr": 0.003},
                 "metric": "mae",
                 "value": 0.5,
                 "trial": 3,
@@ -140,13 +128,16 @@ def test_best_file_precedence(tmp_path):
         )
     )
     params = load_params(ROOT / "params.yaml", ["train.lr=0.01"], best=best)
-    assert params.loss.ka == 0.7  # the best file beats params.yaml
+    assert params.weights()["ka"] == 0.7  # the best file beats params.yaml
     assert params.train.lr == 0.01  # -S beats the best file
-    best.write_text(yaml.safe_dump({"params": {"loss.kaa": 1.0}}))
-    with pytest.raises(ConfigError, match=r"best.yaml \(params\): unknown key 'loss.kaa'"):
+    best.write_text(yaml.safe_dump({"params": {"train.lrr": 1.0}}))
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lrr'.*from .*best.yaml"):
         load_params(ROOT / "params.yaml", best=best)
-    best.write_text(yaml.safe_dump({"params": {"loss.ka": "high"}}))
-    with pytest.raises(ConfigError, match=r"'loss.ka' expected float.*from .*best.yaml"):
+    best.write_text(yaml.safe_dump({"params": {"loss.mdkat.kaa": 1.0}}))
+    with pytest.raises(ConfigError, match=r"'loss.mdkat.kaa' is not a loss term of mdkat.*from .*best.yaml"):
+        load_checked(ROOT / "params.yaml", best=best)
+    best.write_text(yaml.safe_dump({"params": {"loss.mdkat.ka": "high"}}))
+    with pytest.raises(ConfigError, match=r"'loss.mdkat.ka' expected float.*from .*best.yaml"):
         load_params(ROOT / "params.yaml", best=best)
 
 

@@ -9,7 +9,6 @@ one empty store migrated once for the module.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from typing import Any
 
 import optuna
 import pytest
-import torch
 import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -28,75 +26,44 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 import mdkat.tuning
-from mdkat.config import ConfigError, Params, load_params
+from mdkat.checks import load_checked
+from mdkat.config import ConfigError, Params, chosen_flat_dict, load_params
 from mdkat.data import load_prepared
 from mdkat.data.prepare import prepare
+from mdkat.models import search_space
 from mdkat.tracking import flat_params
 from mdkat.training import fit
-from mdkat.tuning import WorkerPlan, run_worker, searched, study_name, tune
-from tests.conftest import ROOT
-from tests.test_training import TINY
+from mdkat.tuning import WorkerPlan, run_worker, study_name, tune
+from tests.conftest import ROOT, TINY, use_store
 
 # trials train on the CPU, where one seed gives identical numbers: a trial can be replayed exactly
 SETTINGS = [*TINY, "train.device=cpu", "tune.epochs=2", "tune.pruner=median"]
 # params.yaml's kind of space, written out so that the expectations below do not follow edits of that file
 FULL_SPACE = (
     "tune.space=["
-    "{key: loss.unimodal, low: 0.03, high: 1.0, log: true}, "
-    "{key: loss.rec, low: 0.01, high: 1.0, log: true}, "
-    "{key: loss.orth, low: 0.01, high: 1.0, log: true}, "
-    "{key: loss.ka, low: 0.01, high: 1.0, log: true}, "
-    "{key: loss.kt, low: 0.01, high: 1.0, log: true}, "
+    "{key: loss.mdkat.unimodal, low: 0.03, high: 1.0, log: true}, "
+    "{key: loss.mdkat.rec, low: 0.01, high: 1.0, log: true}, "
+    "{key: loss.mdkat.orth, low: 0.01, high: 1.0, log: true}, "
+    "{key: loss.mdkat.ka, low: 0.01, high: 1.0, log: true}, "
+    "{key: loss.mdkat.kt, low: 0.01, high: 1.0, log: true}, "
     "{key: train.lr, low: 3.0e-4, high: 3.0e-3, log: true}]"
 )
-LOSS_KEYS = ["loss.unimodal", "loss.rec", "loss.orth", "loss.ka", "loss.kt"]
+LOSS_KEYS = ["loss.mdkat.unimodal", "loss.mdkat.rec", "loss.mdkat.orth", "loss.mdkat.ka", "loss.mdkat.kt"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 SECRET_URL = "https://u:s3cret@example.org/x.pkl"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # On a shared two-core machine, two processes with two torch threads each make tiny ops 100x slower.
-    # tune() gives each worker os.cpu_count() // workers threads, and a single worker runs in this process.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
+    # tune() gives each worker os.cpu_count() // workers threads, and a single worker runs in this process
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "cpu_count", lambda: 1)
         yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow sqlite database for the tests to copy: migrating one takes seconds."""
-    folder = tmp_path_factory.mktemp("empty-store")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)  # the default experiment's artifact root is taken from the cwd
-        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
-    return folder / "mlflow.db"
-
-
-def _use_store(folder: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> str:
-    """Make `folder` the project root and the cwd, with its own sqlite MLflow store; return its URI."""
-    (folder / "dvc.yaml").touch()
-    shutil.copyfile(empty_store, folder / "mlflow.db")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(folder)
-    monkeypatch.delenv("DVC_STAGE", raising=False)
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    return uri
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch, empty_store) -> str:
-    """This test's tracking URI; tmp_path is the project root and the cwd."""
-    return _use_store(tmp_path, monkeypatch, empty_store)
 
 
 def _params(*overrides: str) -> Params:
-    return load_params(ROOT / "params.yaml", [*SETTINGS, *overrides])
+    return load_checked(ROOT / "params.yaml", [*SETTINGS, *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +144,7 @@ def two_workers(tmp_path_factory, data_dir, empty_store) -> Study:
     # a relative path: the journal lands at the project root, for the spawned workers too
     params = _params(FULL_SPACE, "tune.n_trials=4", "tune.storage=journal:study.journal")
     with pytest.MonkeyPatch.context() as mp:
-        uri = _use_store(root, mp, empty_store)
+        uri = use_store(root, mp, empty_store)
         result = tune(params, data_dir, root / "best.yaml", workers=2)
     trials = _trials(_journal(root / "study.journal"), result["study_name"])
     return Study(uri, root, params, root / "best.yaml", result, trials)
@@ -212,8 +179,10 @@ def test_trial_0_evaluates_the_default_weights_of_params_yaml(two_workers):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
 
     def value(key: str) -> float:
-        section, name = key.split(".")
-        return float(raw[section][name])
+        node = raw
+        for part in key.split("."):
+            node = node[part]
+        return float(node)
 
     first = two_workers.trials[0]
     assert first.params == {key: value(key) for key in [*LOSS_KEYS, "train.lr"]}
@@ -230,7 +199,8 @@ def test_best_file_names_the_best_trial_and_is_read_by_load_params(two_workers):
     assert (best["metric"], best["direction"]) == ("valid_mae", "minimize")
     assert best["study_name"] == two_workers.result["study_name"] and best["n_trials"] == 4
     params = load_params(ROOT / "params.yaml", SETTINGS, best=two_workers.out)
-    assert params.loss.ka == best["params"]["loss.ka"] and params.train.lr == best["params"]["train.lr"]
+    assert params.weights()["ka"] == best["params"]["loss.mdkat.ka"]
+    assert params.train.lr == best["params"]["train.lr"]
 
 
 def test_training_with_the_best_values_reproduces_the_best_trial(two_workers, data_dir, tmp_path):
@@ -383,8 +353,8 @@ def other_data_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "change",
     [
-        "loss.ka=0.2",
-        "model.width=8",
+        "loss.mdkat.ka=0.2",
+        "model.mdkat.width=8",
         "train.batch_size=8",
         "tune.epochs=3",
         "tune.metric=corr",
@@ -405,6 +375,7 @@ def test_a_change_the_objective_depends_on_starts_another_study(data_dir, change
         "tune.heartbeat_s=5",
         "train.device=cuda",
         "train.epochs=99",
+        "model.late_fusion.width=8",  # another model's section
     ],
 )
 def test_bookkeeping_and_the_device_keep_the_study(data_dir, change):
@@ -449,28 +420,34 @@ def test_a_password_in_data_url_leaks_nowhere(store, tmp_path, capfd):
     assert [p for p in written if b"s3cret" in p.read_bytes()] == []
 
 
-def test_searched_drops_the_weights_of_terms_the_model_does_not_compute():
-    assert [r.key for r in searched(_params(FULL_SPACE))] == [*LOSS_KEYS, "train.lr"]
-    assert [r.key for r in searched(_params(FULL_SPACE, "model.name=late_fusion"))] == ["train.lr"]
-    without_ka = [k for k in LOSS_KEYS if k != "loss.ka"]
-    assert [r.key for r in searched(_params(FULL_SPACE, "model.use_ka=false"))] == [*without_ka, "train.lr"]
+def test_search_space_drops_other_models_and_terms_the_model_does_not_compute():
+    assert [r.key for r in search_space(_params(FULL_SPACE))] == [*LOSS_KEYS, "train.lr"]
+    assert [r.key for r in search_space(_params(FULL_SPACE, "model.name=late_fusion"))] == ["train.lr"]
+    without_ka = [k for k in LOSS_KEYS if k != "loss.mdkat.ka"]
+    no_ka = _params(FULL_SPACE, "model.mdkat.use_ka=false")
+    assert [r.key for r in search_space(no_ka)] == [*without_ka, "train.lr"]
+    # a range of another model's section is that model's, not the chosen one's
+    both = FULL_SPACE[:-1] + ", {key: model.late_fusion.dropout, low: 0.0, high: 0.5, log: false}]"
+    assert [r.key for r in search_space(_params(both))] == [*LOSS_KEYS, "train.lr"]
+    late = [r.key for r in search_space(_params(both, "model.name=late_fusion"))]
+    assert late == ["train.lr", "model.late_fusion.dropout"]
 
 
 @pytest.mark.parametrize(
     "bad",
     [
-        "{key: loss.ka, low: 0.5, high: 0.5, log: false}",
-        "{key: loss.ka, low: 0.5, high: 0.1, log: false}",
-        "{key: model.width, low: 8, high: 64, log: false}",
+        "{key: loss.mdkat.ka, low: 0.5, high: 0.5, log: false}",
+        "{key: loss.mdkat.ka, low: 0.5, high: 0.1, log: false}",
+        "{key: model.mdkat.width, low: 8, high: 64, log: false}",
         "{key: model.name, low: 0.0, high: 1.0, log: false}",
-        "{key: model.use_ka, low: 0.0, high: 1.0, log: false}",
-        "{key: loss.kaa, low: 0.1, high: 1.0, log: false}",
-        "{key: loss.ka, low: 0.0, high: 1.0, log: true}",
-        "{key: loss.ka, low: -0.1, high: 1.0, log: true}",
+        "{key: model.mdkat.use_ka, low: 0.0, high: 1.0, log: false}",
+        "{key: loss.mdkat.kaa, low: 0.1, high: 1.0, log: false}",
+        "{key: loss.mdkat.ka, low: 0.0, high: 1.0, log: true}",
+        "{key: loss.mdkat.ka, low: -0.1, high: 1.0, log: true}",
     ],
 )
 def test_a_bad_search_range_is_a_config_error_naming_its_index(bad):
-    space = f"tune.space=[{{key: loss.rec, low: 0.01, high: 1.0, log: true}}, {bad}]"
+    space = f"tune.space=[{{key: loss.mdkat.rec, low: 0.01, high: 1.0, log: true}}, {bad}]"
     with pytest.raises(ConfigError, match=r"'tune\.space\[1\]'"):
         _params(space)
 
@@ -480,9 +457,7 @@ def test_defaults_whose_trial_died_are_queued_again(store, data_dir, tmp_path):
     name = study_name(params, load_prepared(data_dir, splits=()).manifest_sha256)
     storage = _journal(tmp_path / "study.journal")
     study = optuna.create_study(study_name=name, storage=storage)
-    defaults = {
-        r.key: getattr(getattr(params, r.key.split(".")[0]), r.key.split(".")[1]) for r in params.tune.space
-    }
+    defaults = {r.key: chosen_flat_dict(params)[r.key] for r in params.tune.space}
     study.enqueue_trial(defaults)
     study.ask()  # trial 0 takes the defaults, and its worker dies
 

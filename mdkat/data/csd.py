@@ -64,7 +64,10 @@ def _read_metadata(root: h5py.Group) -> dict[str, str]:
 
 
 def read_csd_metadata(path: str | Path) -> dict[str, str]:
-    """The `metadata` strings of a `.csd` file (empty when it has none)."""
+    """The `metadata` strings of a `.csd` file (empty when it has none).
+
+    The pipeline reads features only; this is for people inspecting a file, and for the tests that check
+    `write_csd`'s output."""
     path = Path(path)
     with _open(path) as f:
         return _read_metadata(_root(f, path))
@@ -199,7 +202,10 @@ def write_csd(
     root_name: str,
     metadata: Mapping[str, str | object] | None = None,
 ) -> None:
-    """Write {video_id: (intervals, features)} as a `.csd` file, atomically (temporary file + rename)."""
+    """Write {video_id: (intervals, features)} as a `.csd` file, atomically (temporary file + rename).
+
+    The pipeline never writes `.csd` files: this makes the SDK-format fixtures of the tests and the
+    benchmark's synthetic videos, in the layout the CMU server publishes."""
     path = Path(path)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         root = f.create_group(root_name)

@@ -223,3 +223,9 @@ def generate(cfg: DataConfig) -> Synthetic:
         },
     }
     return Synthetic(splits, truth, info)
+
+
+def load(cfg: DataConfig) -> tuple[dict[str, SplitArrays], dict]:
+    """The `synthetic` data source of `prepare`: the generated splits and their manifest info."""
+    generated = generate(cfg)
+    return generated.splits, generated.info

@@ -1,41 +1,163 @@
-"""Models: one registry, from which the choices of `model.name` and each model's loss terms come.
+"""Models: one registry, from which the choices of `model.name`, each model's config and loss terms come.
 
-Every model takes `(ModelConfig, dims)`, maps a `Batch` to a `ModelOutput` in `forward`, and has
-`loss(output, batch, weights) -> (total, {term: value})` and a static `loss_terms(cfg)`; the one training
-loop needs nothing else.
+Adding a model is one file here (a `Model` subclass with its `Config` type), one line in `REGISTRY` and one
+section `model.<name>` in `params.yaml` (plus `loss.<name>` if it weights loss terms). Everything that
+depends on the chosen model is checked against it by `check_params`, before any work starts: its section,
+its loss weights, the tune space and the report's variants.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
 
-from mdkat.config import ModelConfig
+from pydantic import BaseModel, ValidationError
+
+from mdkat.config import ConfigError, Params, SearchRange, to_flat_dict, translate, with_origin
+from mdkat.models.base import Ablation, Model, ModelOutput
 from mdkat.models.late_fusion import LateFusion
 from mdkat.models.mdkat import MDKAT
-from mdkat.models.output import ModelOutput
 
-REGISTRY: dict[str, type[nn.Module]] = {"mdkat": MDKAT, "late_fusion": LateFusion}
-
-# The ablation table's rows: the parameters each variant sets on top of the full model.
-ABLATIONS: dict[str, dict[str, object]] = {
-    "mdkat": {},
-    "no_cff": {"model.use_cff": False},
-    "no_amsa": {"model.use_amsa": False},
-    "no_ka": {"model.use_ka": False},
-    "no_kt": {"model.use_kt": False},
-    "no_decoupling": {"model.use_decoupling": False},
-    "late_fusion": {"model.name": "late_fusion"},
-}
+REGISTRY: dict[str, type[Model]] = {"mdkat": MDKAT, "late_fusion": LateFusion}
 
 
-def build(cfg: ModelConfig, dims: dict[str, int]) -> nn.Module:
-    """The model `cfg.name` for inputs of feature sizes `dims` ({modality: d_m})."""
-    return REGISTRY[cfg.name](cfg, dims)
+def model_class(params: Params) -> type[Model]:
+    """The class of `model.name`."""
+    return REGISTRY[params.model.name]
 
 
-def loss_terms(cfg: ModelConfig) -> tuple[str, ...]:
-    """The loss terms model `cfg.name` computes under `cfg`'s switches."""
-    return REGISTRY[cfg.name].loss_terms(cfg)
+def parse_config(name: str, raw: Any, file: str, error_for=None) -> BaseModel:
+    """Model `name`'s config from its raw `model.<name>` mapping; errors name `file` and the dotted key."""
+    cls = REGISTRY[name]
+    try:
+        return cls.Config.model_validate(raw)
+    except ValidationError as e:
+        error = translate(e, cls.Config, file, prefix=f"model.{name}.")
+        raise (error_for(error) if error_for else error) from None
 
 
-__all__ = ["ABLATIONS", "REGISTRY", "ModelOutput", "build", "loss_terms"]
+def config_of(params: Params, name: str | None = None) -> BaseModel:
+    """The validated config of model `name` (default: `model.name`) from its `model.<name>` section."""
+    name = name or params.model.name
+    sections = params.model.sections()
+    if name not in sections:
+        raise params.error("model.name", f"is {name!r}, but its section 'model.{name}' is missing")
+    return parse_config(
+        name, sections[name], params.file, lambda e: with_origin(e, params.origin(e.key or ""))
+    )
+
+
+def build(params: Params, dims: dict[str, int]) -> Model:
+    """The model `model.name` for inputs of feature sizes `dims` ({modality: d_m})."""
+    return model_class(params)(config_of(params), dims)
+
+
+def rebuild(name: str, config: dict[str, Any], dims: dict[str, int], file: str) -> Model:
+    """A model from what a checkpoint stores: its registry name, its config mapping and input sizes."""
+    if name not in REGISTRY:
+        raise ConfigError(f"{file}: a checkpoint of model {name!r}, which is not one of {sorted(REGISTRY)}")
+    return REGISTRY[name](parse_config(name, config, file), dims)
+
+
+def loss_terms(params: Params) -> tuple[str, ...]:
+    """The loss terms the chosen model computes under its config's switches."""
+    return model_class(params).loss_terms(config_of(params))
+
+
+def search_space(params: Params) -> list[SearchRange]:
+    """The ranges of `tune.space` that apply to the chosen model.
+
+    Left out: ranges in another model's sections (`model.<other>.*`, `loss.<other>.*`) and weights of loss
+    terms the chosen configuration does not compute (a switched-off module's weight changes nothing).
+    """
+    name, terms = params.model.name, set(loss_terms(params))
+    kept = []
+    for r in params.tune.space:
+        section, _, rest = r.key.partition(".")
+        owner = rest.split(".", 1)[0] if section in ("model", "loss") else name
+        if owner != name or (section == "loss" and rest.split(".", 1)[-1] not in terms):
+            continue
+        kept.append(r)
+    return kept
+
+
+def variant_values(params: Params, variant: str) -> dict[str, Any]:
+    """The dotted values a report variant sets: another model, or an ablation of the chosen one."""
+    if variant in REGISTRY:
+        return {"model.name": variant}
+    changes = model_class(params).ABLATIONS[variant].changes
+    return {f"model.{params.model.name}.{key}": value for key, value in changes.items()}
+
+
+def variant_label(params: Params, variant: str) -> str:
+    """How the report names a variant."""
+    if variant in REGISTRY:
+        return REGISTRY[variant].LABEL
+    return model_class(params).ABLATIONS[variant].label
+
+
+def check_params(params: Params) -> None:
+    """The chosen model, every model section, the loss weights and the tune space against the registry.
+
+    A `ConfigError` on the first fault. The report's variants are checked by `check_variants`, for the
+    report only: choosing another model must not make the train stage fail on the report's list.
+    """
+    name = params.model.name
+    if name not in REGISTRY:
+        raise params.error("model.name", f"expected one of {sorted(REGISTRY)}, got {name!r}")
+    for section in params.model.sections():
+        if section not in REGISTRY:
+            raise params.error(f"model.{section}", f"is not a model; sections are for {sorted(REGISTRY)}")
+        config_of(params, section)
+    config_of(params, name)  # a missing section of the chosen model
+    for model, weights in params.loss.items():
+        if model not in REGISTRY:
+            raise params.error(f"loss.{model}", f"is not a model; loss weights are for {sorted(REGISTRY)}")
+        expected = REGISTRY[model].WEIGHTED_TERMS
+        for term in weights:
+            if term not in expected:
+                raise params.error(f"loss.{model}.{term}", f"is not a loss term of {model}: {list(expected)}")
+        for term in expected:
+            if term not in weights:
+                raise params.error(f"loss.{model}.{term}", "missing: every weighted term needs its weight")
+    if REGISTRY[name].WEIGHTED_TERMS and name not in params.loss:
+        raise params.error(f"loss.{name}", f"missing: {name} weights {list(REGISTRY[name].WEIGHTED_TERMS)}")
+    _check_space(params)
+
+
+def check_variants(params: Params) -> None:
+    """`report.variants` are models of the registry or ablations of the chosen model."""
+    check_params(params)
+    allowed = [*REGISTRY, *model_class(params).ABLATIONS]
+    for variant in params.report.variants:
+        if variant not in allowed:
+            raise params.error("report.variants", f"expected items of {allowed}, got {variant!r}")
+        if variant in REGISTRY:
+            config_of(params, variant)
+
+
+def _check_space(params: Params) -> None:
+    flat = to_flat_dict(params)
+    for model in params.model.sections():
+        flat.update(to_flat_dict(config_of(params, model), f"model.{model}."))
+    for i, r in enumerate(params.tune.space):
+        if not isinstance(flat.get(r.key), float):
+            raise params.error(f"tune.space[{i}]", f"key {r.key!r} is not a numeric (float) parameter")
+        if not (0 < r.low < r.high if r.log else r.low < r.high):
+            raise params.error(f"tune.space[{i}]", "expected low < high (and low > 0 on a log scale)")
+
+
+__all__ = [
+    "REGISTRY",
+    "Ablation",
+    "Model",
+    "ModelOutput",
+    "build",
+    "check_params",
+    "check_variants",
+    "config_of",
+    "loss_terms",
+    "rebuild",
+    "search_space",
+    "variant_label",
+    "variant_values",
+]

@@ -8,7 +8,7 @@ mask is adaptive. We learn an importance score a_t = sigmoid(w . h_t) per time s
   always kept and the mask does not depend on how much padding follows.
 The refined sequence is pooled with the importance scores as weights over the kept steps. Distractor
 frames (sentiment-looking steps that carry no label information) are what this is meant to silence.
-Without AMSA (`model.use_amsa: false`) the specific sequence is mean-pooled over valid steps.
+Without AMSA (`model.mdkat.use_amsa: false`) the specific sequence is mean-pooled over valid steps.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class AdaptiveMaskedSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float, threshold: float):
         super().__init__()
         if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"model.amsa_threshold must lie in [0, 1), got {threshold}")
+            raise ValueError(f"model.mdkat.amsa_threshold must lie in [0, 1), got {threshold}")
         self.threshold = threshold
         self.score = nn.Linear(width, 1)
         self.layer = SelfAttentionLayer(width, heads, dropout)

@@ -6,7 +6,7 @@ features): each modality's independent sequence C_m queries the other modalities
 (their steps concatenated, padding masked), the attended information enters through a learned sigmoid
 gate (so a modality can ignore partners with nothing to add), then a feed-forward layer. The enhanced
 sequences are mean-pooled over valid steps and fused by a linear layer into one modality-independent
-vector c. Without CFF (`model.use_cff: false`) c is the plain average of the pooled C_m, with no
+vector c. Without CFF (`model.mdkat.use_cff: false`) c is the plain average of the pooled C_m, with no
 parameters. One softmax over the partners' joined steps (not one attention per pair, as MulT has) costs
 half the attention calls; with unaligned data the partner with more steps (vision's 500 against text's
 50) gets more of the attention mass by count, which the gate and the learned scores must outweigh.

@@ -14,7 +14,35 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator, model_validator
 from torch import Tensor, nn
+
+from mdkat.config import PerModality, PerModalityRate, Positive, Probability, Section
+
+
+class EncoderConfig(Section):
+    """The hyper-parameters of the projection and encoders that every model here is built from."""
+
+    width: Positive  # model width d
+    heads: Positive
+    layers: Positive  # self-attention layers per encoder
+    conv_kernel: PerModality  # temporal projection
+    input_dropout: PerModalityRate
+    dropout: Probability  # attention and feed-forward
+
+    @field_validator("conv_kernel")
+    @classmethod
+    def _odd(cls, kernel: PerModality) -> PerModality:
+        even = {m: k for m, k in kernel.model_dump().items() if k % 2 == 0}
+        if even:
+            raise ValueError(f"must be odd so that step t stays centred on t, got {even}")
+        return kernel
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> EncoderConfig:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        return self
 
 
 def valid_mask(lengths: Tensor, steps: int) -> Tensor:
@@ -62,6 +90,16 @@ class Projection(nn.Module):
         x = self.dropout(x) * mask.unsqueeze(-1).to(x.dtype)  # padded steps are zero, whatever the input held
         h = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, d)
         return h + sinusoidal_positions(h.shape[1], h.shape[2], h.device, h.dtype)
+
+
+def projections(cfg: EncoderConfig, dims: dict[str, int]) -> nn.ModuleDict:
+    """One `Projection` per modality, from its feature size `dims[m]` to the model width."""
+    return nn.ModuleDict(
+        {
+            m: Projection(dims[m], cfg.width, getattr(cfg.conv_kernel, m), getattr(cfg.input_dropout, m))
+            for m in dims
+        }
+    )
 
 
 class Attention(nn.Module):
@@ -117,6 +155,11 @@ class SelfAttentionLayer(nn.Module):
         h = self.norm1(x)
         x = x + self.drop(self.attn(h, h, attn_mask))
         return x + self.ffn(self.norm2(x))
+
+
+def regression_head(d_in: int, width: int, dropout: float) -> nn.Sequential:
+    """A two-layer MLP to one score."""
+    return nn.Sequential(nn.Linear(d_in, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, 1))
 
 
 class Encoder(nn.Module):

@@ -25,7 +25,7 @@ class KnowledgeAggregation(nn.Module):
     def __init__(self, width: int, temperature: float):
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"model.ka_temperature must be positive, got {temperature}")
+            raise ValueError(f"model.mdkat.ka_temperature must be positive, got {temperature}")
         self.temperature = temperature
         self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
 

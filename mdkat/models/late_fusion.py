@@ -7,37 +7,41 @@ cross-modal interaction before the head, no auxiliary losses: the task L1 is its
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
 from mdkat import MODALITIES
-from mdkat.config import LossConfig, ModelConfig
 from mdkat.data import Batch
 from mdkat.models import losses
-from mdkat.models.encoders import Encoder, Projection, masked_mean, valid_mask
-from mdkat.models.mdkat import regression_head
-from mdkat.models.output import ModelOutput
+from mdkat.models.base import Model, ModelOutput
+from mdkat.models.encoders import (
+    Encoder,
+    EncoderConfig,
+    masked_mean,
+    projections,
+    regression_head,
+    valid_mask,
+)
 
 
-class LateFusion(nn.Module):
+class LateFusionConfig(EncoderConfig):
+    """`model.late_fusion`: the same projection and encoders as MDKAT's, nothing else."""
+
+
+class LateFusion(Model):
     """Per-modality encoders, masked mean pooling, concatenation, MLP."""
 
-    def __init__(self, cfg: ModelConfig, dims: dict[str, int]):
+    Config = LateFusionConfig
+    LABEL = "late fusion (baseline)"
+
+    def __init__(self, cfg: LateFusionConfig, dims: dict[str, int]):
         super().__init__()
         d = cfg.width
-        self.projection = nn.ModuleDict(
-            {
-                m: Projection(dims[m], d, getattr(cfg.conv_kernel, m), getattr(cfg.input_dropout, m))
-                for m in MODALITIES
-            }
-        )
+        self.projection = projections(cfg, {m: dims[m] for m in MODALITIES})
         self.encoders = nn.ModuleDict({m: Encoder(d, cfg.heads, cfg.layers, cfg.dropout) for m in MODALITIES})
         self.head = regression_head(len(MODALITIES) * d, d, cfg.dropout)
-
-    @staticmethod
-    def loss_terms(cfg: ModelConfig) -> tuple[str, ...]:
-        """Only the task L1."""
-        return ("task",)
 
     def forward(self, batch: Batch) -> ModelOutput:
         mask = {m: valid_mask(batch.lengths(m), batch.features(m).shape[1]) for m in MODALITIES}
@@ -48,7 +52,9 @@ class LateFusion(nn.Module):
         pred = self.head(torch.cat([pooled[m] for m in MODALITIES], dim=-1)).squeeze(-1)  # (B,)
         return ModelOutput(pred=pred, mask=mask, pooled_specific=pooled)
 
-    def loss(self, out: ModelOutput, batch: Batch, weights: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(
+        self, out: ModelOutput, batch: Batch, weights: Mapping[str, float]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The task L1 (weights of absent terms are ignored)."""
         task = losses.l1(out.pred, batch.label)
         return task, {"task": task.detach()}

@@ -9,46 +9,71 @@ feature extraction, and multi-loss integration for decoupling").
 
 The split into a shared encoder and per-modality encoders, the reconstruction and orthogonality terms
 follow MISA and DMD; CFF, AMSA, KA and KT are described in their modules. The unimodal heads read the
-pooled C_m before CFF, so that each one sees its own modality only. Switches (`model.use_*`) remove a
+pooled C_m before CFF, so that each one sees its own modality only. Switches (`model.mdkat.use_*`) remove a
 module together with its parameters and its loss term; without decoupling each modality has one encoder
 whose output serves as both C_m and S_m, and the reconstruction and orthogonality terms vanish.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
 from mdkat import MODALITIES
-from mdkat.config import LossConfig, ModelConfig
+from mdkat.config import PositiveFloat, Probability
 from mdkat.data import Batch
 from mdkat.models import losses
 from mdkat.models.amsa import AdaptiveMaskedSelfAttention
+from mdkat.models.base import Ablation, Model, ModelOutput, weighted_total
 from mdkat.models.cff import CrossModalFusion
-from mdkat.models.encoders import Encoder, Projection, encode_all, masked_mean, valid_mask
+from mdkat.models.encoders import (
+    Encoder,
+    EncoderConfig,
+    encode_all,
+    masked_mean,
+    projections,
+    regression_head,
+    valid_mask,
+)
 from mdkat.models.ka import KnowledgeAggregation
 from mdkat.models.kt import KnowledgeTransfer
-from mdkat.models.output import ModelOutput
 
 
-def regression_head(d_in: int, width: int, dropout: float) -> nn.Sequential:
-    """A two-layer MLP to one score."""
-    return nn.Sequential(nn.Linear(d_in, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, 1))
+class MdkatConfig(EncoderConfig):
+    """`model.mdkat`: the encoders, the modules' hyper-parameters, and a switch per module (ablations)."""
+
+    amsa_threshold: Probability  # AMSA masks keys below this fraction of the sample's top importance
+    ka_temperature: PositiveFloat
+    kt_temperature: PositiveFloat
+    kt_momentum: Probability
+    use_cff: bool
+    use_amsa: bool
+    use_ka: bool
+    use_kt: bool
+    use_decoupling: bool
 
 
-class MDKAT(nn.Module):
+class MDKAT(Model):
     """Multimodal decoupling with knowledge aggregation and transfer."""
 
-    def __init__(self, cfg: ModelConfig, dims: dict[str, int]):
+    Config = MdkatConfig
+    LABEL = "MDKAT (all modules)"
+    WEIGHTED_TERMS = ("unimodal", "rec", "orth", "ka", "kt")
+    ABLATIONS = {
+        "no_cff": Ablation("w/o CFF", {"use_cff": False}),
+        "no_amsa": Ablation("w/o AMSA", {"use_amsa": False}),
+        "no_ka": Ablation("w/o KA", {"use_ka": False}),
+        "no_kt": Ablation("w/o KT", {"use_kt": False}),
+        "no_decoupling": Ablation("w/o decoupling", {"use_decoupling": False}),
+    }
+
+    def __init__(self, cfg: MdkatConfig, dims: dict[str, int]):
         super().__init__()
         self.cfg = cfg
         d, drop = cfg.width, cfg.dropout
-        self.projection = nn.ModuleDict(
-            {
-                m: Projection(dims[m], d, getattr(cfg.conv_kernel, m), getattr(cfg.input_dropout, m))
-                for m in MODALITIES
-            }
-        )
+        self.projection = projections(cfg, {m: dims[m] for m in MODALITIES})
         self.specific = nn.ModuleDict({m: Encoder(d, cfg.heads, cfg.layers, drop) for m in MODALITIES})
         if cfg.use_decoupling:
             self.shared = Encoder(d, cfg.heads, cfg.layers, drop)
@@ -68,8 +93,8 @@ class MDKAT(nn.Module):
         self.gate = nn.Linear(fused, fused)
         self.head = regression_head(fused, d, drop)
 
-    @staticmethod
-    def loss_terms(cfg: ModelConfig) -> tuple[str, ...]:
+    @classmethod
+    def loss_terms(cls, cfg: MdkatConfig) -> tuple[str, ...]:
         """Names of the loss terms this configuration computes (`task` first, weight 1)."""
         terms = ["task", "unimodal"]
         if cfg.use_decoupling:
@@ -127,7 +152,9 @@ class MDKAT(nn.Module):
             importance=importance,
         )
 
-    def loss(self, out: ModelOutput, batch: Batch, weights: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(
+        self, out: ModelOutput, batch: Batch, weights: Mapping[str, float]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and every term by name (detached), `task` with weight 1 and the others weighted."""
         label = batch.label
         terms = {"task": losses.l1(out.pred, label), "unimodal": losses.unimodal_l1(out.unimodal, label)}
@@ -138,7 +165,5 @@ class MDKAT(nn.Module):
             terms["ka"] = self.ka(out.pooled_independent, label)
         if self.kt is not None:
             terms["kt"] = self.kt(out.unimodal)
-        total = terms["task"] + sum(
-            getattr(weights, name) * value for name, value in terms.items() if name != "task"
-        )
+        total = weighted_total(terms, weights)
         return total, {name: value.detach() for name, value in terms.items()}

@@ -1,0 +1,48 @@
+"""Optuna storages named by `tune.storage`: where a study lives on disk, and the storage object to open it.
+
+`sqlite:///PATH` and `journal:PATH` are local files, relative paths taken from the project root (also from
+a DVC temporary copy, whose files are deleted with it); anything else is an RDB URL, with heartbeats so
+that a dead worker's trial is failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mdkat.io import project_root
+
+_LOCAL = ("sqlite:///", "journal:")
+
+
+def storage_path(storage: str, root: str | Path | None = None) -> Path | None:
+    """The file of a local storage, relative paths from the project root of `root` (default: the working
+    directory's); None for a remote storage."""
+    for prefix in _LOCAL:
+        if storage.startswith(prefix):
+            path = Path(storage.removeprefix(prefix))
+            return path if path.is_absolute() else project_root(root) / path
+    return None
+
+
+def is_local(storage: str) -> bool:
+    """Storages on this machine's disk (no heartbeats; a file lock serialises trial starts)."""
+    return storage.startswith(_LOCAL)
+
+
+def open_storage(storage: str, heartbeat_s: int, root: str | Path | None = None):
+    """An Optuna storage object for a `tune.storage` string (local files are created when missing)."""
+    import optuna
+
+    path = storage_path(storage, root)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if storage.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if path is not None:
+        # a busy timeout: several local workers take turns instead of failing on "database is locked"
+        return optuna.storages.RDBStorage(
+            f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 60}}
+        )
+    return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s)
