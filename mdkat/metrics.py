@@ -1,6 +1,7 @@
 """Sentiment regression metrics, with the field's (MMSA's) definitions, as one pure function.
 
-- `mae`: mean |p - t|; `corr`: Pearson's r.
+- `mae`: mean |p - t|; `corr`: Pearson's r, from numpy sums rather than BLAS so that its last bits do not
+  depend on the CPU.
 - `acc7` / `acc5`: agreement of round(clip(x, -3, 3)) / round(clip(x, -2, 2)), numpy's round-half-to-even.
 - `acc2_has0` / `f1_has0`: (t >= 0) vs (p >= 0) over all samples (zero counts as positive).
 - `acc2_non0` / `f1_non0`: samples with t == 0 dropped, then (t > 0) vs (p > 0) (a zero prediction is
@@ -69,6 +70,15 @@ def _binary(true: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
     return acc, f1
 
 
+def _pearson(p: np.ndarray, t: np.ndarray) -> float:
+    # np.corrcoef's formula with numpy sums instead of its matrix product: BLAS sums in an order that
+    # depends on the CPU kernel, and the last bits of this value land in files that must not (manifests).
+    p, t = p - p.mean(), t - t.mean()
+    n1 = p.size - 1
+    r = np.sum(p * t) / n1 / np.sqrt(np.sum(p * p) / n1) / np.sqrt(np.sum(t * t) / n1)
+    return float(np.clip(r, -1, 1))
+
+
 def regression_metrics(pred, true) -> dict[str, float]:
     """MAE, Corr, Acc-7, Acc-5 and Has0/Non0 Acc-2 and F1 of predictions `pred` against labels `true`."""
     p = np.asarray(pred, dtype=np.float64).reshape(-1)
@@ -86,7 +96,7 @@ def regression_metrics(pred, true) -> dict[str, float]:
         )
         corr = float("nan")
     else:
-        corr = float(np.corrcoef(p, t)[0, 1])
+        corr = _pearson(p, t)
 
     out = {
         "mae": float(np.mean(np.abs(p - t))),
