@@ -76,6 +76,21 @@ def _tune(args: argparse.Namespace, params: Params) -> str:
     )
 
 
+def _diagnose(args: argparse.Namespace, params: Params) -> str:
+    from mdkat.diagnose import diagnose_files
+
+    result = diagnose_files(params, args.data, args.model, args.out)
+    auc = result["amsa_cue_auc"]
+    text = "no AMSA" if auc is None else "AMSA cue AUC " + ", ".join(f"{m} {v:.3f}" for m, v in auc.items())
+    return f"{text} -> {args.out}"
+
+
+def _diagnose_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="prepared synthetic data directory")
+    p.add_argument("--model", required=True, help="model.pt written by the train stage")
+    p.add_argument("--out", required=True, help="diagnostics JSON to write")
+
+
 def _report(args: argparse.Namespace, params: Params) -> str:
     from mdkat.report import report
 
@@ -145,6 +160,12 @@ STAGES: dict[str, Stage] = {
         _evaluate_arguments,
         _evaluate,
         {"data": False, "models": False},  # the model file says which model it is
+    ),
+    "diagnose": Stage(
+        "measure each module against the synthetic data's truth (cue AUC, probes, KT errors)",
+        _diagnose_arguments,
+        _diagnose,
+        {"data": False, "models": False},
     ),
     "report": Stage(
         "ablation variants x seeds: train, test, and compare with the chosen model",

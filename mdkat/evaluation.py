@@ -38,6 +38,7 @@ class Evaluation:
     """Test predictions and what was written from them."""
 
     ids: list[str]
+    manifest: dict[str, Any]  # of the data evaluated
     label: np.ndarray  # (N,)
     pred: np.ndarray  # (N,)
     report: dict[str, Any]  # the metrics file's content
@@ -103,4 +104,4 @@ def evaluate(
     plots.scatter(label, pred, plots_dir / SCATTER, title)
     plots.confusion(seven_class(label), seven_class(pred), plots_dir / CONFUSION, title)
     files = [Path(metrics_file), plots_dir / PREDICTIONS, plots_dir / SCATTER, plots_dir / CONFUSION]
-    return Evaluation(data.test.id, label, pred, report, files)
+    return Evaluation(data.test.id, data.manifest, label, pred, report, files)

@@ -3,7 +3,9 @@
 `train_run` creates one MLflow run (or, with `resume`, continues the run recorded in `mlflow_run.json`),
 logs parameters, provenance tags and per-epoch values while `fit` trains, then the final validation
 metrics and the artifacts, and registers the checkpoint as a pyfunc model. `evaluate_run` logs the test
-metrics, predictions and figures into the same run. A failure marks the run FAILED (KILLED on Ctrl-C).
+metrics, predictions and figures into the same run, and on synthetic data the diagnostics of
+`mdkat.diagnose` (metrics `diag.*`, artifact `evaluation/diagnostics.json`). A failure marks the run FAILED
+(KILLED on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import yaml
 
 from mdkat.config import Params, chosen_flat_dict, read_best
 from mdkat.data import load_prepared
+from mdkat.diagnose import diagnose_files, flat_diagnostics
 from mdkat.evaluation import evaluate
 from mdkat.io import atomic_open, write_json
 from mdkat.plots import learning_curves
@@ -117,9 +120,19 @@ def evaluate_run(
     record = Path(model_file).parent / RUN_RECORD
     tracker = Tracker.attach(record) if record.exists() else None
     result = evaluate(params, data_dir, model_file, metrics_file, plots_dir)
+    diagnostics = None
+    if result.manifest.get("source") == "synthetic":  # the truth is known: measure the modules against it
+        diagnostics = diagnose_files(params, data_dir, model_file)
     if tracker is not None:
         tracker.log_metrics(result.report["test"], prefix="test_")
         if "fraction_of_oracle" in result.report:
             tracker.log_metrics(result.report["fraction_of_oracle"], prefix="test_fraction_of_oracle_")
         tracker.log_artifacts(result.files, "evaluation")
-    return {"test": result.report["test"], "run_id": tracker.run_id if tracker else None}
+        if diagnostics is not None:
+            tracker.log_metrics(flat_diagnostics(diagnostics), prefix="diag.")
+            tracker.log_dict(diagnostics, "evaluation/diagnostics.json")
+    return {
+        "test": result.report["test"],
+        "diagnostics": diagnostics,
+        "run_id": tracker.run_id if tracker else None,
+    }

@@ -188,6 +188,10 @@ class Tracker:
             elif path.exists():
                 client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        """Store `data` as a JSON artifact file."""
+        self.client.log_dict(self.run_id, data, artifact_file)
+
     def reopen(self) -> None:
         """Mark a FAILED or KILLED run RUNNING again (a resumed training continues it)."""
         self.client.update_run(self.run_id, status="RUNNING")

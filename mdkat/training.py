@@ -46,7 +46,8 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing on the CPU."""
     # bf16 on the GPU: no loss scaling needed, and the attention kernels run on tensor cores.
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -59,7 +60,7 @@ def predict(model: nn.Module, data: Batch, batch_size: int) -> np.ndarray:
     preds = []
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(start + batch_size, len(data)))
-        with _autocast(device):
+        with autocast(device):
             preds.append(model(data.select(index)).pred.float())
     return torch.cat(preds).cpu().numpy().astype(np.float64)
 
@@ -73,7 +74,7 @@ def validation_loss(model: nn.Module, data: Batch, batch_size: int, weights: dic
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(start + batch_size, len(data)))
         batch = data.select(index)
-        with _autocast(device):
+        with autocast(device):
             loss, _ = model.loss(model(batch), batch, weights)
         total += loss.float() * len(index)
     return total.item() / len(data)
@@ -194,7 +195,7 @@ def fit(
         for i, offset in enumerate(bar):
             index = order[offset : offset + cfg.batch_size]
             batch = train.select(index)
-            with _autocast(device):
+            with autocast(device):
                 out = model(batch)
                 total, terms = model.loss(out, batch, weights)
             optimizer.zero_grad(set_to_none=True)

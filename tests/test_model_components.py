@@ -105,7 +105,11 @@ def test_amsa_gives_padded_and_unimportant_keys_exactly_zero_attention(monkeypat
     assert (p[dropped] == 0.0).all(), "a padded or unimportant key gets attention"
     assert (p[~dropped] > 0).all()
     torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]))
-    assert (importance[~kept] == 0.0).all() and (importance[kept] > 0).all()
+    # the importance is the score before the threshold's mask (what diagnostics compare with the truth):
+    # zero on padding only
+    _, _, planted = _planted()
+    torch.testing.assert_close(importance.double(), planted, rtol=1e-5, atol=1e-6)
+    assert (importance[~mask] == 0.0).all() and (importance[mask] > 0).all()
 
 
 def test_amsa_key_bias_masks_padding_and_steps_below_threshold_times_the_maximum():

@@ -172,6 +172,17 @@ def test_best_and_test_metrics_match_the_files(tracked):
     assert metrics["test_acc2_non0"] == report["test"]["acc2_non0"]
 
 
+def test_synthetic_data_get_the_diagnostics_as_metrics_and_a_file(tracked):
+    metrics = tracked.client.get_run(tracked.run_id).data.metrics
+    stored = tracked.root / "mlruns" / tracked.run_id / "artifacts" / "evaluation" / "diagnostics.json"
+    diagnostics = json.loads(stored.read_text())
+    for m in ("text", "audio", "vision"):
+        assert metrics[f"diag.amsa_cue_auc.{m}"] == diagnostics["amsa_cue_auc"][m]
+        assert metrics[f"diag.kt_error.{m}"] == diagnostics["kt_error"][m]
+        own = diagnostics["probe_r2"]["independent"][m]["own"]
+        assert metrics[f"diag.probe_r2.independent.{m}.own"] == own
+
+
 def test_artifacts_are_logged_into_the_project_mlruns(tracked):
     expected = {
         "model.pt",
@@ -184,6 +195,7 @@ def test_artifacts_are_logged_into_the_project_mlruns(tracked):
         "evaluation/predictions.csv",
         "evaluation/confusion.png",
         "evaluation/scatter.png",
+        "evaluation/diagnostics.json",
     }
     assert expected <= _artifacts(tracked.client, tracked.run_id)
     stored = tracked.root / "mlruns" / tracked.run_id / "artifacts"

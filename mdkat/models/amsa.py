@@ -33,14 +33,15 @@ class AdaptiveMaskedSelfAttention(nn.Module):
         self.norm = nn.LayerNorm(width)
 
     def key_bias(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Importance (B, T) (0 on padding) and the additive key bias (B, T) (-inf on masked keys)."""
+        """Importance (B, T): the score before the threshold's mask, 0 on padding; and the additive key bias
+        (B, T), -inf on masked keys."""
         logit = self.score(x).squeeze(-1)  # (B, T)
         importance = torch.sigmoid(logit) * mask  # (B, T)
         top = importance.amax(dim=1, keepdim=True)  # (B, 1)
         kept = mask & (importance >= self.threshold * top)  # (B, T)
         # log a_t as logsigmoid: exact (and differentiable) where a_t is too small for log(sigmoid)
         bias = F.logsigmoid(logit).masked_fill(~kept, float("-inf"))
-        return importance * kept, bias
+        return importance, bias
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         importance, bias = self.key_bias(x, mask)

@@ -49,6 +49,11 @@ class Model(nn.Module):
     WEIGHTED_TERMS: ClassVar[tuple[str, ...]] = ()  # loss terms next to `task`, each with a weight
     ABLATIONS: ClassVar[Mapping[str, Ablation]] = {}
 
+    @property
+    def decoupled(self) -> bool:
+        """Whether the modality-independent features have an encoder of their own (diagnostics probe them)."""
+        return False
+
     @classmethod
     def loss_terms(cls, cfg: Any) -> tuple[str, ...]:
         """The terms computed under `cfg` (`task` first, weight 1); switched-off modules drop theirs."""

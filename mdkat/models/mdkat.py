@@ -93,6 +93,11 @@ class MDKAT(Model):
         self.gate = nn.Linear(fused, fused)
         self.head = regression_head(fused, d, drop)
 
+    @property
+    def decoupled(self) -> bool:
+        """With `use_decoupling` off, one encoder per modality gives both C_m and S_m."""
+        return self.cfg.use_decoupling
+
     @classmethod
     def loss_terms(cls, cfg: MdkatConfig) -> tuple[str, ...]:
         """Names of the loss terms this configuration computes (`task` first, weight 1)."""
