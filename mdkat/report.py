@@ -29,6 +29,7 @@ from scipy import stats
 
 from mdkat.config import Params, chosen_flat_dict, with_values
 from mdkat.data import load_prepared
+from mdkat.diagnose import diagnose, flat_diagnostics, regenerate_truth
 from mdkat.errors import MdkatError
 from mdkat.evaluation import evaluate_model
 from mdkat.io import atomic_open, write_json
@@ -40,6 +41,30 @@ from mdkat.training import fit, resolve_device
 RECORD = "mlflow_run.json"
 # what a run's result depends on; tune/mlflow/report/ci settings do not change a trained model
 _RUN_SECTIONS = ("data", "model", "loss", "train")
+# the code that shapes a run and its numbers (relative to the package): a committed run never outlives it
+_RUN_CODE = (
+    "models",
+    "training.py",
+    "data/batch.py",
+    "data/synthetic.py",
+    "metrics.py",
+    "evaluation.py",
+    "diagnose.py",
+)
+
+
+def code_digest() -> str:
+    """SHA-256 over the source files that shape a report run (`_RUN_CODE`), in a fixed order."""
+    package = Path(__file__).parent
+    files = sorted(
+        f
+        for entry in _RUN_CODE
+        for f in ([package / entry] if entry.endswith(".py") else (package / entry).rglob("*.py"))
+    )
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def run_params(params: Params, variant: str, seed: int) -> Params:
@@ -53,11 +78,12 @@ def run_params(params: Params, variant: str, seed: int) -> Params:
     return with_values(params, values, f"report variant {variant!r}, seed {seed}")
 
 
-def fingerprint(params: Params, manifest_sha256: str) -> str:
-    """A hash of what a run's result depends on: its parameters and the data."""
+def fingerprint(params: Params, manifest_sha256: str, code: str | None = None) -> str:
+    """A hash of what a run's result depends on: its parameters, the data and the code (`code_digest`)."""
     relevant = {k: v for k, v in chosen_flat_dict(params).items() if k.split(".", 1)[0] in _RUN_SECTIONS}
     relevant.pop("train.device", None)  # a GPU run answers the same question
-    text = json.dumps({"params": relevant, "data": manifest_sha256}, sort_keys=True, default=str)
+    content = {"params": relevant, "data": manifest_sha256, "code": code or code_digest()}
+    text = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -81,11 +107,14 @@ def report(params: Params, data_dir: str | Path, out_dir: str | Path, *, track: 
     # every unit's parameters first: a variant that does not validate fails before any training
     units = [(v, s, run_params(params, v, s)) for v in params.report.variants for s in params.report.seeds]
     tags = {**run_tags(data.manifest, data.manifest_sha256), "report.budget": json.dumps(_budget(params))}
+    # on synthetic data every run is also measured against the truth (mdkat.diagnose)
+    truth = regenerate_truth(data, str(data_dir)) if data.manifest.get("source") == "synthetic" else None
+    code = code_digest()
     parent = _parent_tracker(params, out_dir, tags) if track else None
     with parent.ending() if parent else contextlib.nullcontext():
         for i, (variant, seed, p) in enumerate(units, 1):
             unit = f"{variant}-{seed}"
-            key = fingerprint(p, data.manifest_sha256)
+            key = fingerprint(p, data.manifest_sha256, code)
             result_file = out_dir / "runs" / f"{unit}.json"
             if result_file.exists() and json.loads(result_file.read_text()).get("fingerprint") == key:
                 print(f"[{i}/{len(units)}] {unit}: done before", file=sys.stderr)
@@ -98,6 +127,9 @@ def report(params: Params, data_dir: str | Path, out_dir: str | Path, *, track: 
             stale.write_text(key)
             result = fit(p, data, work, resume=resume)
             test = evaluate_model(result.model, data, p.train.eval_batch_size)[1]["test"]
+            diagnostics = (
+                None if truth is None else diagnose(result.model, data, truth, p.train.eval_batch_size)
+            )
             row = {
                 "variant": variant,
                 "seed": seed,
@@ -107,9 +139,10 @@ def report(params: Params, data_dir: str | Path, out_dir: str | Path, *, track: 
                 "device": str(device),
                 "test": test,
                 "valid": result.best_valid,
+                "diagnostics": diagnostics,
             }
             if parent is not None:
-                row["run_id"] = _log_unit(parent, p, tags, variant, seed, result, test)
+                row["run_id"] = _log_unit(parent, p, tags, variant, seed, result, test, diagnostics)
             write_json(result_file, row)
             print(
                 f"[{i}/{len(units)}] {unit}: test MAE {test['mae']:.4f}, Corr {test['corr']:.4f}, "
@@ -125,7 +158,14 @@ def report(params: Params, data_dir: str | Path, out_dir: str | Path, *, track: 
 
 
 def _log_unit(
-    parent: Tracker, p: Params, tags: dict[str, str], variant: str, seed: int, result, test: dict[str, float]
+    parent: Tracker,
+    p: Params,
+    tags: dict[str, str],
+    variant: str,
+    seed: int,
+    result,
+    test: dict[str, float],
+    diagnostics: dict | None,
 ) -> str:
     child = Tracker.start(
         p.mlflow.experiment,
@@ -140,6 +180,8 @@ def _log_unit(
         child.log_metrics(test, prefix="test_")
         child.log_metrics(result.best_valid, prefix="best_valid_")
         child.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.seconds})
+        if diagnostics is not None:
+            child.log_metrics(flat_diagnostics(diagnostics), prefix="diag.")
     return child.run_id
 
 
@@ -165,6 +207,7 @@ def collect(out_dir: Path, params: Params) -> pd.DataFrame:
                     "best_epoch": saved["best_epoch"],
                     "seconds": saved["seconds"],
                     "device": saved["device"],
+                    **{f"diag.{k}": v for k, v in flat_diagnostics(saved.get("diagnostics") or {}).items()},
                 }
             )
     return pd.DataFrame(rows)
@@ -260,7 +303,48 @@ def markdown(runs: pd.DataFrame, table: pd.DataFrame, params: Params, manifest: 
             lines.append(f"| {variant_label(params, variant)} | " + " | ".join(cells) + " |")
         lines += ["", f"▼ marks a variant that is worse than {name} on average for that metric.", ""]
         lines += [_reading(table, params), ""]
+    lines += _diagnostics_table(runs, params)
     return "\n".join(lines) + "\n"
+
+
+# diagnostics columns: (title, column pattern with {m} for the modality); cells show text / audio / vision
+_DIAGNOSTICS = (
+    ("AMSA cue AUC", "diag.amsa_cue_auc.{m}"),
+    ("C_m → z_c (R²)", "diag.probe_r2.independent.{m}.shared"),
+    ("C_m → z_m", "diag.probe_r2.independent.{m}.own"),
+    ("S_m → z_c", "diag.probe_r2.specific.{m}.shared"),
+    ("S_m → z_m", "diag.probe_r2.specific.{m}.own"),
+    ("KT error", "diag.kt_error.{m}"),
+)
+
+
+def _diagnostics_table(runs: pd.DataFrame, params: Params) -> list[str]:
+    """Mean over seeds of each diagnostic, text / audio / vision in one cell; – where a module is off."""
+    if not any(c.startswith("diag.") for c in runs.columns):
+        return []
+    lines = [
+        "## Diagnostics against the generator's truth (`mdkat.diagnose`)",
+        "",
+        "Means over seeds, each cell text / audio / vision. AMSA cue AUC: how well AMSA's step importance "
+        "ranks the true cue steps (0.5 = chance). Probes: test R² of a ridge read-out of z_c (shared "
+        "factor) or z_m (the modality's own factor) from the pooled independent (C_m) or specific (S_m) "
+        "features; decoupling works when C_m carries z_c better than z_m and S_m the reverse. KT error: "
+        "the running mean absolute error of each unimodal head. – : the module is off.",
+        "",
+        "| variant | " + " | ".join(title for title, _ in _DIAGNOSTICS) + " |",
+        "|---|" + "---:|" * len(_DIAGNOSTICS),
+    ]
+    means = runs.groupby("variant", sort=False).mean(numeric_only=True)
+    for variant in runs.variant.unique():
+        cells = []
+        for _, pattern in _DIAGNOSTICS:
+            columns = [pattern.format(m=m) for m in ("text", "audio", "vision")]
+            if not all(c in means.columns and pd.notna(means.loc[variant, c]) for c in columns):
+                cells.append("–")
+                continue
+            cells.append(" / ".join(f"{means.loc[variant, c]:.2f}" for c in columns))
+        lines.append(f"| {variant_label(params, variant)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _reading(table: pd.DataFrame, params: Params) -> str:

@@ -14,7 +14,7 @@ from mdkat.data.prepare import prepare
 from mdkat.metrics import METRIC_NAMES
 from mdkat.models import REGISTRY, config_of
 from mdkat.models.mdkat import MDKAT
-from mdkat.report import fingerprint, report, run_params, summarize
+from mdkat.report import code_digest, fingerprint, report, run_params, summarize
 from tests.conftest import ROOT, small_data
 
 
@@ -71,6 +71,9 @@ def test_run_params_apply_the_variant_seed_and_budget():
     assert fingerprint(p, "x") != fingerprint(run_params(params, "no_decoupling", 1114), "x")
     assert fingerprint(p, "x") != fingerprint(p, "y")
     assert fingerprint(p, "x") == fingerprint(with_values(p, {"mlflow.experiment": "other"}), "x")
+    # and so is the code that shapes a run: results never outlive the code that made them
+    assert fingerprint(p, "x", code="a") != fingerprint(p, "x", code="b")
+    assert fingerprint(p, "x") == fingerprint(p, "x", code=code_digest())
 
 
 @pytest.fixture
@@ -111,6 +114,14 @@ def test_report_writes_tables_and_resumes_only_what_is_missing(tiny, tmp_path, c
     assert means[("late_fusion", "corr")] == pytest.approx(runs[runs.variant == "late_fusion"]["corr"].mean())
     text = (out / "ablation.md").read_text()
     assert "synthetic data" in text and "w/o KT" in text and "at most 1 epochs" in text
+    # the diagnostics of every run: AMSA's AUC where there is an AMSA, KT's errors where there is a KT
+    assert runs[runs.variant != "late_fusion"]["diag.amsa_cue_auc.text"].between(0, 1).all()
+    assert runs[runs.variant == "no_kt"]["diag.kt_error.text"].isna().all()
+    assert runs[runs.variant == "late_fusion"]["diag.amsa_cue_auc.text"].isna().all()
+    assert saved["diagnostics"]["kt_error"] is None and saved["diagnostics"]["amsa_cue_auc"] is not None
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "Diagnostics against the generator's truth" in text
+    assert rows["| late fusion (baseline)"].count("–") == 4  # AUC, both C_m probes, KT
     assert pd.read_csv(out / "ablation.csv").shape[0] == 3 * len(METRIC_NAMES)
 
     # an interrupted report: one unit lost; a re-run trains only that unit and keeps the others' results
