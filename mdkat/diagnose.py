@@ -34,7 +34,7 @@ from mdkat.data.synthetic import SplitTruth, generate
 from mdkat.errors import MdkatError
 from mdkat.io import write_json
 from mdkat.models import ModelOutput
-from mdkat.training import autocast, model_from_file, resolve_device
+from mdkat.training import eval_outputs, model_from_file, resolve_device
 
 PROBE_ALPHAS = np.logspace(-3, 3, 13)  # ridge penalties, chosen by leave-one-out on train
 
@@ -86,19 +86,6 @@ def _data_config(flat: dict[str, Any], where: str) -> DataConfig:
         raise DiagnosticsError(f"{where}: the manifest's data parameters do not validate: {e}") from None
 
 
-@torch.no_grad()
-def outputs(model: nn.Module, data: Batch, batch_size: int) -> list[ModelOutput]:
-    """The model's outputs (eval mode) for `data`, batch by batch, on the model's device."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(data), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(data)))
-        with autocast(device):
-            out.append(model(data.select(index).to(device)))
-    return out
-
-
 def _cat(parts: list[ModelOutput], field: str, modality: str) -> np.ndarray | None:
     values = [getattr(p, field).get(modality) for p in parts]
     if any(v is None for v in values):
@@ -136,7 +123,7 @@ def diagnose(model: nn.Module, data: Prepared, truth: dict[str, SplitTruth], bat
     """`amsa_cue_auc`, `probe_r2` and `kt_error` of `model` on `data` (train and test splits)."""
     splits = {
         name: _Split(
-            outputs(model, getattr(data, name), batch_size),
+            [out for _, out in eval_outputs(model, getattr(data, name), batch_size)],
             truth[name],
             {m: getattr(data, name).lengths(m).numpy() for m in MODALITIES},
         )

@@ -17,7 +17,7 @@ import csv
 import io
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from mdkat.data import Batch, Prepared
 from mdkat.errors import MdkatError
 from mdkat.io import atomic_open
 from mdkat.metrics import is_better, regression_metrics
-from mdkat.models import build, config_of, rebuild
+from mdkat.models import ModelOutput, build, config_of, rebuild
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -52,31 +52,31 @@ def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-@torch.no_grad()
-def predict(model: nn.Module, data: Batch, batch_size: int) -> np.ndarray:
-    """Predictions (N,) of `model` in eval mode, in the order of `data`."""
+def eval_outputs(model: nn.Module, data: Batch, batch_size: int) -> Iterator[tuple[Batch, ModelOutput]]:
+    """(batch, output) of `model` in eval mode over `data` in order, on the model's device, no gradients."""
     model.eval()
     device = next(model.parameters()).device
-    preds = []
     for start in range(0, len(data), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(data)))
-        with autocast(device):
-            preds.append(model(data.select(index)).pred.float())
+        batch = data.select(torch.arange(start, min(start + batch_size, len(data)))).to(device)
+        with torch.no_grad(), autocast(device):
+            out = model(batch)
+        yield batch, out
+
+
+def predict(model: nn.Module, data: Batch, batch_size: int) -> np.ndarray:
+    """Predictions (N,) of `model` in eval mode, in the order of `data`."""
+    preds = [out.pred.float() for _, out in eval_outputs(model, data, batch_size)]
     return torch.cat(preds).cpu().numpy().astype(np.float64)
 
 
-@torch.no_grad()
 def validation_loss(model: nn.Module, data: Batch, batch_size: int, weights: dict[str, float]) -> float:
     """Sample-weighted mean of the total loss over `data` (eval mode)."""
-    model.eval()
     device = next(model.parameters()).device
     total = torch.zeros((), device=device)
-    for start in range(0, len(data), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(data)))
-        batch = data.select(index)
-        with autocast(device):
-            loss, _ = model.loss(model(batch), batch, weights)
-        total += loss.float() * len(index)
+    for batch, out in eval_outputs(model, data, batch_size):
+        with torch.no_grad(), autocast(device):
+            loss, _ = model.loss(out, batch, weights)
+        total += loss.float() * len(batch)
     return total.item() / len(data)
 
 
