@@ -4,6 +4,7 @@
     python -m mdkat.ci check --now DIR [--repeat DIR2]    # table against ci.baseline; exit 1 on regression
     python -m mdkat.ci baseline --now DIR                 # make DIR's test metrics the new baseline
     python -m mdkat.ci notebook --project DIR             # execute notebooks/compare_runs.ipynb against DIR
+    python -m mdkat.ci spread --seeds 1111 1112 1113      # the profile's test metrics over training seeds
 
 `run` copies the repository's files (tracked and untracked, not ignored) to DIR, writes the CI profile
 (`ci.overrides` applied to `params.yaml`) there and runs `dvc repro` in it, with fresh MLflow and Optuna
@@ -11,7 +12,9 @@ stores: the committed `dvc.lock` and the studies and runs of the working copy st
 fails when a test metric is worse than the baseline by more than its tolerance (`Metric.ci_tolerance` in
 `mdkat.metrics`), when the baseline was
 made for another profile, and (with `--repeat`) when two runs of the profile differ at all, since on a CPU
-the same seeds must give the same numbers.
+the same seeds must give the same numbers. `spread` trains and tests the profile with several training
+seeds (train + evaluate, no tracking): the tolerances of `mdkat.metrics` are set from its standard
+deviations, so that the check fails on a change that costs more than the seeds' own variation.
 """
 
 from __future__ import annotations
@@ -28,13 +31,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from mdkat.checks import load_checked
-from mdkat.config import Params, load_params, parse_override, set_dotted
+from mdkat.config import Params, load_params, parse_override, set_dotted, with_values
+from mdkat.data import load_prepared
+from mdkat.data.prepare import prepare
 from mdkat.errors import MdkatError
+from mdkat.evaluation import evaluate_model
 from mdkat.io import atomic_open, project_root, write_json
-from mdkat.metrics import METRIC_NAMES, METRICS, worsening
+from mdkat.metrics import BY_NAME, METRIC_NAMES, METRICS, worsening
+from mdkat.training import fit
 
 METRICS_FILE = Path("metrics") / "test.json"  # written by the evaluate stage (dvc.yaml)
 NOTEBOOK = Path("notebooks") / "compare_runs.ipynb"
@@ -65,6 +73,40 @@ def profile_params(params_file: Path, extra: Sequence[str] = ()) -> str:
         set_dotted(raw, key, value, f"{params_file}: 'ci.overrides' item {item!r}")
     text = "# The CI profile: params.yaml with ci.overrides applied (written by mdkat.ci)\n"
     return text + yaml.safe_dump(raw, sort_keys=False)
+
+
+def profile(params_file: Path, extra: Sequence[str] = ()) -> Params:
+    """The CI profile's parameters: `params_file` with `ci.overrides`, then `extra`, checked."""
+    return load_checked(params_file, [*load_params(params_file).ci.overrides, *extra])
+
+
+def train_and_test(params: Params, data_dir: Path, work: Path) -> dict[str, float]:
+    """Train and test as the train and evaluate stages do (no tracking); the test metrics."""
+    data = load_prepared(data_dir)
+    result = fit(params, data, work, progress=False)
+    return evaluate_model(result.model, data, params.train.eval_batch_size)[1]["test"]
+
+
+def spread(params_file: Path, seeds: Sequence[int], work: Path) -> dict[str, Any]:
+    """The profile's test metrics for each training seed, their mean and sample std, and 3 std each."""
+    params = profile(params_file)
+    prepare(params.data, work / "prepared")
+    per_seed = {}
+    for seed in seeds:
+        print(f"CI profile, train.seed={seed}", file=sys.stderr, flush=True)
+        seeded = with_values(params, {"train.seed": seed}, f"spread seed {seed}")
+        per_seed[seed] = train_and_test(seeded, work / "prepared", work / f"seed-{seed}")
+    summary = {}
+    for metric in METRIC_NAMES:
+        values = np.array([per_seed[s][metric] for s in seeds])
+        std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        summary[metric] = {"mean": float(values.mean()), "std": std, "three_std": 3 * std}
+    return {
+        "overrides": list(params.ci.overrides),
+        "seeds": list(seeds),
+        "per_seed": per_seed,
+        "summary": summary,
+    }
 
 
 def run(out: str | Path, extra: Sequence[str] = (), root: Path | None = None) -> dict[str, Any]:
@@ -260,6 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--now", required=True, help="folder of a CI run of the profile itself")
     p = sub.add_parser("notebook", help="execute the comparison notebook against a CI run")
     p.add_argument("--project", required=True, help="folder of a CI run")
+    p = sub.add_parser("spread", help="the profile's test metrics over training seeds (for the tolerances)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1111, 1112, 1113, 1114, 1115])
+    p.add_argument("--work", default=".ci-runs/spread", help="working folder (replaced)")
+    p.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
     params_file = Path(args.params).resolve()
     try:
@@ -269,6 +315,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if check(Path(args.now), params_file, Path(args.repeat) if args.repeat else None) else 1
         elif args.command == "baseline":
             print(f"baseline written: {write_baseline(Path(args.now), params_file)}")
+        elif args.command == "spread":
+            work = Path(args.work)
+            shutil.rmtree(work, ignore_errors=True)
+            result = spread(params_file, args.seeds, work)
+            for metric, s in result["summary"].items():
+                tolerance = BY_NAME[metric].ci_tolerance
+                print(
+                    f"{metric:<10} mean {s['mean']:.4f}  std {s['std']:.4f}  3 std {s['three_std']:.4f}  "
+                    f"tolerance now {tolerance:.4f}"
+                )
+            if args.json:
+                write_json(args.json, result)
         else:
             print(f"notebook executed: {execute_notebook(Path(args.project))}")
     except MdkatError as e:
