@@ -65,6 +65,14 @@ class PerModality(Section):
     vision: Positive
 
 
+class PerModalityCount(Section):
+    """One non-negative integer per named modality (0 switches a per-modality option off)."""
+
+    text: NonNegative
+    audio: NonNegative
+    vision: NonNegative
+
+
 class PerModalityRate(Section):
     """One probability per named modality (dropout rates)."""
 
@@ -73,7 +81,7 @@ class PerModalityRate(Section):
     vision: Probability
 
 
-for _cls in (PerModality, PerModalityRate):  # the modalities are named once, in mdkat.MODALITIES
+for _cls in (PerModality, PerModalityCount, PerModalityRate):  # modalities are named once, in MODALITIES
     assert tuple(_cls.model_fields) == MODALITIES, _cls
 
 
@@ -137,6 +145,7 @@ class TrainConfig(Section):
     lr: PositiveFloat
     weight_decay: Annotated[float, Field(ge=0)]
     grad_clip: PositiveFloat
+    ema: Probability  # decay of the weights' moving average that is validated and kept (0: off)
     lr_patience: NonNegative
     lr_factor: Annotated[float, Field(gt=0, lt=1)]
     patience: Positive

@@ -4,6 +4,13 @@ AdamW; the learning rate is reduced when the validation loss stops falling; grad
 training stops early when the validation metric `train.select_on` has not improved for `train.patience`
 epochs, and the weights of the best epoch are kept. The test split is never read here.
 
+Two choices of ours against overfitting, measured on the synthetic data (README, "Results"): the inputs
+are normalised with the training split's statistics (`fit_input_statistics`), and what is validated and
+kept is an exponential moving average of the weights (`train.ema` per step), not the last iterate. With
+1,284 samples the iterates jump by several MAE points from one epoch to the next; their average does not,
+and early stopping then selects a model, not a lucky step. Weight decay (`train.weight_decay`, decoupled
+as in AdamW) is strong by default for the same reason.
+
 The whole split lives on the device (CUDA: moved once, batches indexed there, bf16 autocast; CPU: the
 preloaded tensors), so there is no DataLoader. Shuffling draws from a dedicated generator; its state,
 the global RNG states, the optimizer, the scheduler and the early-stopping state are checkpointed
@@ -13,6 +20,7 @@ an uninterrupted one. Checkpoints hold only tensors and plain containers (`torch
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import sys
@@ -33,6 +41,7 @@ from mdkat.errors import MdkatError
 from mdkat.io import atomic_open
 from mdkat.metrics import is_better, regression_metrics
 from mdkat.models import ModelOutput, build, config_of, rebuild
+from mdkat.models.encoders import fit_input_statistics
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -78,6 +87,14 @@ def validation_loss(model: nn.Module, data: Batch, batch_size: int, weights: dic
             loss, _ = model.loss(out, batch, weights)
         total += loss.float() * len(batch)
     return total.item() / len(data)
+
+
+@torch.no_grad()
+def _update_average(averaged: nn.Module, model: nn.Module, decay: float) -> None:
+    """One step of the weights' exponential moving average; buffers (KT's errors) follow the model."""
+    torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()), 1.0 - decay)
+    for mine, theirs in zip(averaged.buffers(), model.buffers(), strict=True):
+        mine.copy_(theirs)
 
 
 @dataclass
@@ -127,7 +144,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_from_file(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild a model from a `model.pt` written by `fit` (its own config and input dims travel with it)."""
     payload = load_checkpoint(path)
-    model = rebuild(payload["model_name"], payload["model_config"], payload["dims"], str(path))
+    missing = [k for k in ("model", "model_name", "model_config", "dims", "aligned") if k not in payload]
+    if missing:
+        raise MdkatError(f"{path}: not a model file of this version of the pipeline (no {missing})")
+    model = rebuild(
+        payload["model_name"], payload["model_config"], payload["dims"], payload["aligned"], str(path)
+    )
     model.load_state_dict(payload["model"])
     return model.to(device).eval()
 
@@ -153,9 +175,13 @@ def fit(
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    dims = data.manifest["dims"]
+    dims, aligned = data.manifest["dims"], bool(data.manifest["aligned"])
     weights = params.weights()
-    model = build(params, dims).to(device)
+    model = build(params, dims, aligned)
+    fit_input_statistics(model, data.train)  # from the training split only, before any step
+    model = model.to(device)
+    # the weights' moving average is what is validated and kept (the model itself when train.ema is 0)
+    averaged = copy.deepcopy(model) if cfg.ema > 0 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience
@@ -167,6 +193,8 @@ def fit(
     if resume and checkpoint_path.exists():
         saved = load_checkpoint(checkpoint_path)
         model.load_state_dict(saved["model"])
+        if averaged is not model:
+            averaged.load_state_dict(saved["averaged"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"], generator)
@@ -202,6 +230,8 @@ def fit(
             total.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            if averaged is not model:
+                _update_average(averaged, model, cfg.ema)
             for name, value in (("loss", total.detach()), *terms.items()):
                 sums[name] = sums.get(name, 0.0) + value.float() * len(index)
             if progress and i % 5 == 0:  # reading the loss syncs the device: not every step
@@ -210,8 +240,8 @@ def fit(
 
         row: dict[str, float] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update({f"train_{name}": value.item() / n for name, value in sums.items()})
-        valid_loss = validation_loss(model, valid, cfg.eval_batch_size, weights)
-        metrics = regression_metrics(predict(model, valid, cfg.eval_batch_size), valid.label.cpu().numpy())
+        valid_loss = validation_loss(averaged, valid, cfg.eval_batch_size, weights)
+        metrics = regression_metrics(predict(averaged, valid, cfg.eval_batch_size), valid.label.cpu().numpy())
         row["valid_loss"] = valid_loss
         row.update({f"valid_{k}": v for k, v in metrics.items()})
         row["seconds"] = time.perf_counter() - epoch_start
@@ -220,7 +250,7 @@ def fit(
         score = metrics[cfg.select_on]
         if is_better(cfg.select_on, score, state["best"]):
             state.update(best=score, best_epoch=epoch, bad_epochs=0)
-            state["best_model"] = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+            state["best_model"] = {k: v.detach().clone().cpu() for k, v in averaged.state_dict().items()}
             state["best_valid"] = metrics
         else:
             state["bad_epochs"] += 1
@@ -236,6 +266,7 @@ def fit(
             checkpoint_path,
             {
                 "model": model.state_dict(),
+                **({"averaged": averaged.state_dict()} if averaged is not model else {}),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(generator),
@@ -249,7 +280,7 @@ def fit(
 
     if state["best_model"] is None:
         raise MdkatError("training produced no usable epoch (the validation metric was NaN every time)")
-    model.load_state_dict(state["best_model"])
+    averaged.load_state_dict(state["best_model"])
     _save(
         out_dir / "model.pt",
         {
@@ -257,11 +288,12 @@ def fit(
             "model_name": params.model.name,
             "model_config": config_of(params).model_dump(),
             "dims": dims,
+            "aligned": aligned,
         },
     )
     _write_history(out_dir / "history.csv", state["history"])
     return FitResult(
-        model=model,
+        model=averaged,
         best_epoch=state["best_epoch"],
         best_valid=state["best_valid"],
         history=state["history"],

@@ -11,6 +11,8 @@ import yaml
 
 from mdkat import ci
 from mdkat.config import load_params
+from mdkat.data.prepare import prepare
+from mdkat.data.prepared import SPLITS, read_manifest, read_split, write_prepared
 from mdkat.errors import MdkatError
 from mdkat.metrics import BY_NAME, METRIC_NAMES
 from tests.conftest import ROOT
@@ -111,3 +113,56 @@ def test_training_for_one_epoch_fails_the_check(tmp_path, capsys):
     assert not ci.check(run_dir, ROOT / "params.yaml")
     out = capsys.readouterr().out
     assert "REGRESSION" in out and "FAILED" in out
+
+
+# --- the gate catches what matters: deliberate breakages, each through train + evaluate only
+
+
+@pytest.fixture(scope="module")
+def profile_data(tmp_path_factory):
+    """(the CI profile's parameters, its prepared data), as the profile's prepare stage writes them."""
+    params = ci.profile(ROOT / "params.yaml")
+    folder = tmp_path_factory.mktemp("profile")
+    prepare(params.data, folder / "prepared")
+    return params, folder / "prepared"
+
+
+def _edited_copy(data_dir: Path, out: Path, edit) -> Path:
+    """The prepared data with `edit(split, arrays)` applied to every split, written as prepare would."""
+    manifest = read_manifest(data_dir)
+    splits = {split: read_split(data_dir, split, manifest) for split in SPLITS}
+    for split, arrays in splits.items():
+        edit(split, arrays)
+    kept = ("source", "dataset", "aligned", "seed", "oracle", "params")
+    write_prepared(out, splits, {k: manifest[k] for k in kept if k in manifest})
+    return out
+
+
+def _zero_text(split, arrays):
+    arrays["text"][...] = 0.0
+
+
+def _halve_training_labels(split, arrays):
+    if split != "test":  # the model learns and selects on halved labels, and is tested on the true ones
+        arrays["label"] *= 0.5
+
+
+def _regressions(params, data_dir, work) -> list[str]:
+    baseline = ci.read_baseline(ROOT / params.ci.baseline, params)
+    rows = ci.compare(baseline, ci.train_and_test(params, data_dir, work))
+    return [r["metric"] for r in rows if r["verdict"] == "REGRESSION"]
+
+
+def test_the_profile_trained_and_tested_in_process_passes_the_check(profile_data, tmp_path):
+    # the control for the breakages below: the same path, nothing broken, matches the committed baseline
+    params, data_dir = profile_data
+    assert _regressions(params, data_dir, tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "edit", [_zero_text, _halve_training_labels], ids=["text features zeroed", "labels scaled by 0.5"]
+)
+def test_a_broken_copy_of_the_data_fails_the_check(profile_data, tmp_path, edit):
+    params, data_dir = profile_data
+    broken = _edited_copy(data_dir, tmp_path / "broken", edit)
+    assert _regressions(params, broken, tmp_path / "work")

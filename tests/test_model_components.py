@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,7 @@ def test_amsa_gives_padded_and_unimportant_keys_exactly_zero_attention(monkeypat
 
     monkeypatch.setattr(encoders.F, "scaled_dot_product_attention", recording_sdpa)
     with torch.no_grad():
-        _, _, importance = amsa(x, mask)
+        _, _, importance = amsa(x, mask, amsa.logit(x))
 
     (p,) = probabilities
     dropped = ~kept[:, None, None, :].expand_as(p)  # every query, every head
@@ -116,7 +117,7 @@ def test_amsa_key_bias_masks_padding_and_steps_below_threshold_times_the_maximum
     amsa = _amsa()
     x, mask, kept = _inputs()
     with torch.no_grad():
-        _, bias = amsa.key_bias(x, mask)
+        _, bias = amsa.key_bias(amsa.logit(x), mask)
     assert torch.equal(torch.isfinite(bias), kept)
     # the bias is the only key-dependent term of the mask: softmax over it alone shows what any query sees
     assert torch.equal(bias.softmax(-1) > 0, kept)
@@ -130,7 +131,7 @@ def test_amsa_pools_the_kept_steps_weighted_by_importance():
     x, mask, kept = _inputs()
     _, _, importance = _planted()
     with torch.no_grad():
-        refined, pooled, _ = amsa(x, mask)
+        refined, pooled, _ = amsa(x, mask, amsa.logit(x))
     weight = importance * kept
     # normalised per sample: the weighted mean does not depend on the importances' absolute size
     expected = (refined.double() * (weight / weight.sum(1, keepdim=True))[..., None]).sum(1)
@@ -150,8 +151,8 @@ def test_amsa_output_ignores_the_values_of_masked_steps(changed):
         target[..., None], torch.randn(x[..., first:].shape, generator=g) * 10, x[..., first:]
     )
     with torch.no_grad():
-        refined, pooled, _ = amsa(x, mask)
-        refined_noisy, pooled_noisy, _ = amsa(noisy, mask)
+        refined, pooled, _ = amsa(x, mask, amsa.logit(x))
+        refined_noisy, pooled_noisy, _ = amsa(noisy, mask, amsa.logit(noisy))
     torch.testing.assert_close(pooled_noisy, pooled, atol=1e-6, rtol=0)
     torch.testing.assert_close(refined_noisy[kept], refined[kept], atol=1e-6, rtol=0)
 
@@ -164,7 +165,72 @@ def test_amsa_output_depends_on_the_kept_steps():
     noisy = x.clone()
     noisy[0, 3, 1:] += 5.0  # its importance logit (feature 0) stays
     with torch.no_grad():
-        assert (amsa(noisy, mask)[1][0] - amsa(x, mask)[1][0]).abs().max() > 1e-3
+        moved = amsa(noisy, mask, amsa.logit(noisy))[1][0] - amsa(x, mask, amsa.logit(x))[1][0]
+        assert moved.abs().max() > 1e-3
+
+
+# -------------------------------------------------------------------------------------------------------
+# input normalisation
+
+
+def _correlated_steps(n: int, d: int, seed: int) -> torch.Tensor:
+    """(n, d) steps with a mean, unequal scales and correlations: a random mixing of unit noise."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d, d, generator=g) * torch.linspace(0.1, 3.0, d)
+    return torch.randn(n, d, generator=g) @ mixing + torch.randn(d, generator=g) * 5
+
+
+def test_projection_standardises_with_the_training_statistics():
+    projection = encoders.Projection(6, 8, kernel=1, dropout=0.0)
+    steps = _correlated_steps(4000, 6, seed=0)
+    torch.testing.assert_close(projection.normalise(steps), steps)  # identity before any statistics
+    projection.set_statistics(steps)
+    z = projection.normalise(steps).double()
+    torch.testing.assert_close(z.mean(0), torch.zeros(6, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(6, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_projection_whitens_the_top_principal_components():
+    projection = encoders.Projection(10, 8, kernel=1, dropout=0.0, components=3)
+    steps = _correlated_steps(6000, 10, seed=1)
+    projection.set_statistics(steps)
+    z = projection.normalise(steps).double()  # (n, 3)
+    assert z.shape == (6000, 3) and projection.conv.in_channels == 3
+    cov = torch.cov(z.T)
+    torch.testing.assert_close(cov, torch.eye(3, dtype=torch.float64), atol=1e-3, rtol=0)
+    # the kept directions are the top 3 of numpy's own eigendecomposition (a naive reference), in order
+    x = steps.double().numpy()
+    value, vector = np.linalg.eigh(np.cov(x.T))
+    top = vector[:, ::-1][:, :3]
+    basis = projection.in_basis.double().numpy() * np.sqrt(value[::-1][:3])  # undo the whitening
+    np.testing.assert_allclose(np.abs(np.sum(basis * top, axis=0)), 1.0, atol=1e-4)
+    # each column's largest entry positive: the same data give the same basis, whatever the solver's signs
+    assert (basis[np.abs(basis).argmax(0), range(3)] > 0).all()
+
+
+def test_input_statistics_come_from_valid_training_steps_only():
+    torch.manual_seed(0)
+    params = load_params(ROOT / "params.yaml")
+    from mdkat.models import build
+
+    batch_dims = {"text": 24, "audio": 5, "vision": 20}
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([5, 9, 12, 7])
+    features = {m: torch.randn(4, 12, d, generator=g) for m, d in batch_dims.items()}
+    clean = {m: x * (torch.arange(12)[None, :] < lengths[:, None])[..., None] for m, x in features.items()}
+    from mdkat.data import Batch
+
+    def batch(feats):
+        lens = {f"{m}_len": lengths for m in MODALITIES}
+        return Batch(**feats, **lens, label=torch.zeros(4), id=list("abcd"))
+
+    a, b = build(params, batch_dims), build(params, batch_dims)
+    encoders.fit_input_statistics(a, batch(clean))
+    encoders.fit_input_statistics(b, batch(features))  # garbage (not zero) after each sample's length
+    for m in MODALITIES:
+        torch.testing.assert_close(a.projection[m].in_mean, b.projection[m].in_mean)
+        valid = clean[m][torch.arange(12)[None, :] < lengths[:, None]]
+        torch.testing.assert_close(a.projection[m].in_mean, valid.mean(0), atol=1e-5, rtol=0)
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -341,3 +341,21 @@ def test_unknown_model_name_is_rejected_when_loading_params():
     message = str(raised.value)
     assert "model.name" in message and "'nope'" in message
     assert all(name in message for name in REGISTRY), message
+
+
+def test_aligned_data_share_one_importance_per_step_and_unaligned_do_not():
+    torch.manual_seed(0)
+    batch = random_batch(4, SMALL_ALIGNED, MOSI, seed=13)
+    same_lengths = {f"{m}_len": batch.text_len for m in MODALITIES}
+    features = {m: batch.features(m) for m in MODALITIES}
+    batch = Batch(**features, **same_lengths, label=batch.label, id=batch.id)
+    with torch.no_grad():
+        shared = build(small(), MOSI, aligned=True).eval()(batch).importance
+        own = build(small(), MOSI, aligned=False).eval()(batch).importance
+    assert torch.equal(shared["text"], shared["audio"]) and torch.equal(shared["text"], shared["vision"])
+    assert not torch.equal(own["text"], own["audio"])
+    # unaligned shapes cannot share a time axis: each modality scores its own steps
+    unaligned = random_batch(4, SMALL_UNALIGNED, MOSI, seed=14)
+    with torch.no_grad():
+        out = build(small(), MOSI, aligned=False).eval()(unaligned).importance
+    assert {m: out[m].shape[1] for m in MODALITIES} == SMALL_UNALIGNED

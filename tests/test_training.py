@@ -15,7 +15,7 @@ from mdkat.config import ConfigError, load_params
 from mdkat.data import load_prepared
 from mdkat.evaluation import evaluate, seven_class
 from mdkat.metrics import is_better
-from mdkat.training import fit, load_checkpoint, model_from_file, predict
+from mdkat.training import _update_average, fit, load_checkpoint, model_from_file, predict
 from tests.conftest import ROOT, Stop, prepared, stop_after, tiny_params
 
 
@@ -166,3 +166,35 @@ def test_seven_class_rounds_half_to_even_and_clips():
     np.testing.assert_array_equal(
         seven_class(np.array([-3.7, -2.5, -0.5, 0.5, 1.5, 2.5, 9.0])), [-3, -2, 0, 0, 2, 2, 3]
     )
+
+
+def test_the_moving_average_of_the_weights_is_hand_computable():
+    live, averaged = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    live.register_buffer("count", torch.tensor(7))
+    averaged.register_buffer("count", torch.tensor(0))
+    with torch.no_grad():
+        averaged.weight.fill_(1.0)
+        averaged.bias.fill_(1.0)
+        live.weight.copy_(torch.tensor([[3.0, -1.0]]))
+        live.bias.fill_(5.0)
+    _update_average(averaged, live, decay=0.75)
+    # 0.75 x the average + 0.25 x the live weights; buffers (KT's running errors) are the live ones
+    torch.testing.assert_close(averaged.weight, torch.tensor([[1.5, 0.5]]))
+    torch.testing.assert_close(averaged.bias, torch.tensor([2.0]))
+    assert averaged.count.item() == 7
+
+
+def test_the_kept_model_is_the_average_not_the_last_iterate(tiny, tmp_path):
+    params, data_dir = tiny
+    one = tiny_params("train.epochs=1")
+    result = _fit(one, data_dir, tmp_path)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    kept = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(kept[k], saved["averaged"][k]) for k in kept)
+    assert any(not torch.equal(kept[k], saved["model"][k]) for k in kept if kept[k].is_floating_point())
+    # without averaging the kept model is the live one
+    plain = _fit(tiny_params("train.epochs=1", "train.ema=0.0"), data_dir, tmp_path / "plain")
+    live = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")
+    assert "averaged" not in live and result.best_epoch == plain.best_epoch == 1
+    kept = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(kept[k], live["model"][k]) for k in kept)

@@ -46,16 +46,16 @@ def config_of(params: Params, name: str | None = None) -> BaseModel:
     )
 
 
-def build(params: Params, dims: dict[str, int]) -> Model:
-    """The model `model.name` for inputs of feature sizes `dims` ({modality: d_m})."""
-    return model_class(params)(config_of(params), dims)
+def build(params: Params, dims: dict[str, int], aligned: bool = False) -> Model:
+    """The model `model.name` for inputs of feature sizes `dims` ({modality: d_m}), aligned or not."""
+    return model_class(params)(config_of(params), dims, aligned)
 
 
-def rebuild(name: str, config: dict[str, Any], dims: dict[str, int], file: str) -> Model:
-    """A model from what a checkpoint stores: its registry name, its config mapping and input sizes."""
+def rebuild(name: str, config: dict[str, Any], dims: dict[str, int], aligned: bool, file: str) -> Model:
+    """A model from what a checkpoint stores: its registry name, its config, input sizes and alignment."""
     if name not in REGISTRY:
         raise ConfigError(f"{file}: a checkpoint of model {name!r}, which is not one of {sorted(REGISTRY)}")
-    return REGISTRY[name](parse_config(name, config, file), dims)
+    return REGISTRY[name](parse_config(name, config, file), dims, aligned)
 
 
 def loss_terms(params: Params) -> tuple[str, ...]:

@@ -42,7 +42,11 @@ class Ablation:
 
 
 class Model(nn.Module):
-    """The interface of every model of the registry."""
+    """The interface of every model of the registry.
+
+    Built as `cls(config, dims, aligned)`: `dims` the feature size of each modality, `aligned` whether the
+    modalities share one time axis (the prepared data's manifest says so).
+    """
 
     Config: ClassVar[type[Section]]
     LABEL: ClassVar[str]  # in the report's tables

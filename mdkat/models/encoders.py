@@ -1,6 +1,16 @@
 """Projection and self-attention encoders shared by every model, and the masking helpers they rely on.
 
-Projection (as DMD): input dropout, a temporal Conv1d from d_m to the model width, sinusoidal positions.
+Projection: input normalisation, input dropout, a temporal Conv1d from d_m to the model width, sinusoidal
+positions. DMD projects with dropout, a kernel-5 Conv1d and positions; the normalisation and the kernel are
+ours, measured on the synthetic data (README, "Results"):
+- Each input feature is standardised with the training split's statistics (`fit_input_statistics`, valid
+  steps only, no labels), or, with `input_pca[m] = k`, projected onto the training steps' top k principal
+  components and whitened. 1,284 MOSI samples against a 768 x d projection overfit within five epochs; the
+  whitened top 32 components of the text features keep their informative directions (the synthetic
+  generator plants 19) and make the read-out well conditioned. Zero keeps every feature, standardised.
+- A kernel of 1 (the default here) keeps step t's projection a function of step t alone: with 5, each step
+  mixes with its neighbours, so selecting a step (AMSA) no longer selects its value, and the per-step
+  importance stops learning (cue AUC 0.66 against 0.78 in a text-only probe model).
 Encoders are pre-LayerNorm transformer layers on `scaled_dot_product_attention`. Padding is handled by
 masks everywhere, never by the values in the padded steps: inputs are zeroed after each sample's length
 before the convolution, padded keys get no attention, and pooling only averages valid steps, so appending
@@ -17,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 from torch import Tensor, nn
 
-from mdkat.config import PerModality, PerModalityRate, Positive, Probability, Section
+from mdkat.config import PerModality, PerModalityCount, PerModalityRate, Positive, Probability, Section
 
 
 class EncoderConfig(Section):
@@ -27,6 +37,7 @@ class EncoderConfig(Section):
     heads: Positive
     layers: Positive  # self-attention layers per encoder
     conv_kernel: PerModality  # temporal projection
+    input_pca: PerModalityCount  # whitened principal components kept per modality (0: standardise only)
     input_dropout: PerModalityRate
     dropout: Probability  # attention and feed-forward
 
@@ -77,17 +88,56 @@ def sinusoidal_positions(steps: int, width: int, device: torch.device, dtype: to
 
 
 class Projection(nn.Module):
-    """Dropout, temporal Conv1d d_m -> d, sinusoidal positions: (B, T, d_m) -> (B, T, d)."""
+    """Normalise, dropout, temporal Conv1d to d, sinusoidal positions: (B, T, d_m) -> (B, T, d).
 
-    def __init__(self, d_in: int, width: int, kernel: int, dropout: float):
+    The normalisation's statistics are buffers (identity until `set_statistics`), so they travel with
+    every checkpoint and model file.
+    """
+
+    in_mean: Tensor
+    in_scale: Tensor
+    in_basis: Tensor
+
+    def __init__(self, d_in: int, width: int, kernel: int, dropout: float, components: int = 0):
         super().__init__()
         if kernel % 2 == 0:
             raise ValueError(f"conv kernel must be odd so that step t stays centred on t, got {kernel}")
+        self.components = components if 0 < components < d_in else 0  # as many as features: standardise
         self.dropout = nn.Dropout(dropout)
-        self.conv = nn.Conv1d(d_in, width, kernel, padding=kernel // 2, bias=False)
+        self.conv = nn.Conv1d(self.components or d_in, width, kernel, padding=kernel // 2, bias=False)
+        self.register_buffer("in_mean", torch.zeros(d_in))
+        if self.components:
+            self.register_buffer("in_basis", torch.eye(d_in)[:, : self.components].contiguous())  # (d_m, k)
+        else:
+            self.register_buffer("in_scale", torch.ones(d_in))
+
+    @torch.no_grad()
+    def set_statistics(self, steps: Tensor) -> None:
+        """Take the normalisation from the valid training steps (S, d_m) of this modality."""
+        steps = steps.double()
+        mean = steps.mean(0)
+        self.in_mean.copy_(mean)
+        if self.components:
+            centred = steps - mean
+            cov = centred.T @ centred / max(len(steps) - 1, 1)  # (d_m, d_m)
+            value, vector = torch.linalg.eigh(cov)  # ascending
+            top = vector[:, -self.components :].flip(1)  # (d_m, k), largest first
+            # an eigenvector's sign is arbitrary: fix it (largest entry positive) so the basis is reproducible
+            sign = torch.sign(top.gather(0, top.abs().argmax(0, keepdim=True)))
+            scale = value[-self.components :].flip(0).clamp_min(1e-12).rsqrt()
+            self.in_basis.copy_(top * sign * scale)
+        else:
+            self.in_scale.copy_(steps.std(0).clamp_min(1e-6).reciprocal())
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """(..., d_m) -> (..., k): whitened principal components, or (..., d_m) standardised features."""
+        if self.components:
+            return (x - self.in_mean) @ self.in_basis
+        return (x - self.in_mean) * self.in_scale
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = self.dropout(x) * mask.unsqueeze(-1).to(x.dtype)  # padded steps are zero, whatever the input held
+        # padded steps are zero, whatever the input held
+        x = self.dropout(self.normalise(x)) * mask.unsqueeze(-1).to(x.dtype)
         h = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, d)
         return h + sinusoidal_positions(h.shape[1], h.shape[2], h.device, h.dtype)
 
@@ -96,7 +146,13 @@ def projections(cfg: EncoderConfig, dims: dict[str, int]) -> nn.ModuleDict:
     """One `Projection` per modality, from its feature size `dims[m]` to the model width."""
     return nn.ModuleDict(
         {
-            m: Projection(dims[m], cfg.width, getattr(cfg.conv_kernel, m), getattr(cfg.input_dropout, m))
+            m: Projection(
+                dims[m],
+                cfg.width,
+                getattr(cfg.conv_kernel, m),
+                getattr(cfg.input_dropout, m),
+                getattr(cfg.input_pca, m),
+            )
             for m in dims
         }
     )
@@ -124,6 +180,8 @@ class Attention(nn.Module):
         b, tq, d = x.shape
         q = self.q(x).view(b, tq, self.heads, d // self.heads).transpose(1, 2)  # (B, h, Tq, d/h)
         k, v = self.kv(y).view(b, y.shape[1], 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if attn_mask.is_floating_point():  # an additive bias in the queries' dtype (bf16 under CUDA autocast)
+            attn_mask = attn_mask.to(q.dtype)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, Tq, d/h)
         return self.out(a.transpose(1, 2).reshape(b, tq, d))
 
@@ -155,6 +213,16 @@ class SelfAttentionLayer(nn.Module):
         h = self.norm1(x)
         x = x + self.drop(self.attn(h, h, attn_mask))
         return x + self.ffn(self.norm2(x))
+
+
+@torch.no_grad()
+def fit_input_statistics(model: nn.Module, train) -> None:
+    """Set every projection's normalisation from the valid steps of the training split (a `Batch`)."""
+    for name, module in model.named_modules():
+        if isinstance(module, Projection):
+            m = name.rsplit(".", 1)[-1]  # projections live in ModuleDicts keyed by modality
+            x = train.features(m)
+            module.set_statistics(x[valid_mask(train.lengths(m), x.shape[1])])  # (valid steps, d_m)
 
 
 def regression_head(d_in: int, width: int, dropout: float) -> nn.Sequential:

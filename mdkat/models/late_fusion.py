@@ -36,7 +36,7 @@ class LateFusion(Model):
     Config = LateFusionConfig
     LABEL = "late fusion (baseline)"
 
-    def __init__(self, cfg: LateFusionConfig, dims: dict[str, int]):
+    def __init__(self, cfg: LateFusionConfig, dims: dict[str, int], aligned: bool = False):
         super().__init__()
         d = cfg.width
         self.projection = projections(cfg, {m: dims[m] for m in MODALITIES})

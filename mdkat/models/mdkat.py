@@ -69,9 +69,9 @@ class MDKAT(Model):
         "no_decoupling": Ablation("w/o decoupling", {"use_decoupling": False}),
     }
 
-    def __init__(self, cfg: MdkatConfig, dims: dict[str, int]):
+    def __init__(self, cfg: MdkatConfig, dims: dict[str, int], aligned: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.aligned = cfg, aligned
         d, drop = cfg.width, cfg.dropout
         self.projection = projections(cfg, {m: dims[m] for m in MODALITIES})
         self.specific = nn.ModuleDict({m: Encoder(d, cfg.heads, cfg.layers, drop) for m in MODALITIES})
@@ -124,9 +124,12 @@ class MDKAT(Model):
 
         importance: dict[str, Tensor] = {}
         if self.amsa is not None:
+            logit = {m: self.amsa[m].logit(projected[m]) for m in MODALITIES}  # (B, T_m) each
+            if self.aligned:  # one time axis: one importance per moment, from every modality (amsa.py)
+                logit = dict.fromkeys(MODALITIES, torch.stack(list(logit.values())).sum(0))
             pooled_specific = {}
             for m in MODALITIES:
-                _, pooled_specific[m], importance[m] = self.amsa[m](specific[m], mask[m])
+                _, pooled_specific[m], importance[m] = self.amsa[m](specific[m], mask[m], logit[m])
         else:
             pooled_specific = {m: masked_mean(specific[m], mask[m]) for m in MODALITIES}
 
