@@ -94,7 +94,7 @@ def _diagnose_arguments(p: argparse.ArgumentParser) -> None:
 def _report(args: argparse.Namespace, params: Params) -> str:
     from mdkat.report import report
 
-    table = report(params, args.data, args.out).set_index(["variant", "metric"])
+    table = report(params, args.data, args.out, workers=args.workers).set_index(["variant", "metric"])
     mae = ", ".join(f"{v} {table.loc[(v, 'mae'), 'mean']:.4f}" for v in params.report.variants)
     seeds = len(params.report.seeds)
     return f"test MAE (mean over {seeds} seeds): {mae}; {params.model.name} is the reference -> {args.out}"
@@ -104,6 +104,7 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared data directory")
     p.add_argument("--out", required=True, help="report directory (ablation.md, ablation.csv, runs/)")
     p.add_argument("--best", help="YAML of tuned values applied to every variant (-S still wins)")
+    p.add_argument("--workers", type=int, default=1, help="training processes, one torch thread each")
 
 
 def _tune_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,16 +19,20 @@ import contextlib
 import hashlib
 import json
 import math
+import multiprocessing
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
 
 from mdkat.config import Params, chosen_flat_dict, with_values
 from mdkat.data import load_prepared
+from mdkat.data.synthetic import SplitTruth
 from mdkat.diagnose import diagnose, flat_diagnostics, regenerate_truth
 from mdkat.errors import MdkatError
 from mdkat.evaluation import evaluate_model
@@ -36,7 +40,7 @@ from mdkat.io import atomic_open, write_json
 from mdkat.metrics import METRICS
 from mdkat.models import variant_label, variant_values
 from mdkat.tracking import Tracker, flat_params, run_tags
-from mdkat.training import fit, resolve_device
+from mdkat.training import fit
 
 RECORD = "mlflow_run.json"
 # what a run's result depends on; tune/mlflow/report/ci settings do not change a trained model
@@ -98,55 +102,97 @@ def _parent_tracker(params: Params, out_dir: Path, tags: dict[str, str]) -> Trac
     return tracker
 
 
-def report(params: Params, data_dir: str | Path, out_dir: str | Path, *, track: bool = True) -> pd.DataFrame:
-    """Train and test every (variant, seed) not done yet; write runs.csv, ablation.csv and ablation.md."""
+@dataclass(frozen=True)
+class Unit:
+    """One (variant, seed) to train: everything a worker process needs (picklable)."""
+
+    variant: str
+    seed: int
+    params: Params
+    fingerprint: str
+    data_dir: str
+    work: Path
+    resume: bool
+    truth: dict[str, SplitTruth] | None
+    threads: int | None  # torch threads in a worker process; None: leave the process's setting
+
+
+def run_unit(unit: Unit) -> dict[str, Any]:
+    """Train and test one unit (and diagnose it against the truth, when there is one); its result row."""
+    if unit.threads is not None:
+        torch.set_num_threads(unit.threads)
+    data = load_prepared(unit.data_dir)
+    p = unit.params
+    result = fit(p, data, unit.work, resume=unit.resume, progress=unit.threads is None)
+    test = evaluate_model(result.model, data, p.train.eval_batch_size)[1]["test"]
+    diagnostics = (
+        None if unit.truth is None else diagnose(result.model, data, unit.truth, p.train.eval_batch_size)
+    )
+    return {
+        "variant": unit.variant,
+        "seed": unit.seed,
+        "fingerprint": unit.fingerprint,
+        "best_epoch": result.best_epoch,
+        "seconds": result.seconds,
+        "device": str(next(result.model.parameters()).device),
+        "test": test,
+        "valid": result.best_valid,
+        "diagnostics": diagnostics,
+        "history": result.history,
+    }
+
+
+def report(
+    params: Params, data_dir: str | Path, out_dir: str | Path, *, workers: int = 1, track: bool = True
+) -> pd.DataFrame:
+    """Train and test every (variant, seed) not done yet; write runs.csv, ablation.csv and ablation.md.
+
+    With `workers` > 1 the units train in that many processes with one torch thread each (small models
+    use a second thread poorly, a second process fully); results are recorded here, as they arrive.
+    """
+    if workers < 1:
+        raise MdkatError(f"--workers must be at least 1, got {workers}")
     out_dir = Path(out_dir)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     data = load_prepared(data_dir)
-    device = resolve_device(params.train.device)
     # every unit's parameters first: a variant that does not validate fails before any training
-    units = [(v, s, run_params(params, v, s)) for v in params.report.variants for s in params.report.seeds]
+    planned = [(v, s, run_params(params, v, s)) for v in params.report.variants for s in params.report.seeds]
     tags = {**run_tags(data.manifest, data.manifest_sha256), "report.budget": json.dumps(_budget(params))}
     # on synthetic data every run is also measured against the truth (mdkat.diagnose)
     truth = regenerate_truth(data, str(data_dir)) if data.manifest.get("source") == "synthetic" else None
     code = code_digest()
+    todo = []
+    for i, (variant, seed, p) in enumerate(planned, 1):
+        name, key = f"{variant}-{seed}", fingerprint(p, data.manifest_sha256, code)
+        result_file = out_dir / "runs" / f"{name}.json"
+        if result_file.exists() and json.loads(result_file.read_text()).get("fingerprint") == key:
+            print(f"[{i}/{len(planned)}] {name}: done before", file=sys.stderr)
+            continue
+        work = out_dir / "work" / name
+        stale = work / "fingerprint"
+        resume = stale.exists() and stale.read_text() == key  # never resume another configuration
+        work.mkdir(parents=True, exist_ok=True)
+        stale.write_text(key)
+        threads = 1 if workers > 1 else None
+        todo.append(Unit(variant, seed, p, key, str(data_dir), work, resume, truth, threads))
+    print(f"{len(todo)} of {len(planned)} runs to train, {workers} worker(s)", file=sys.stderr)
     parent = _parent_tracker(params, out_dir, tags) if track else None
-    with parent.ending() if parent else contextlib.nullcontext():
-        for i, (variant, seed, p) in enumerate(units, 1):
-            unit = f"{variant}-{seed}"
-            key = fingerprint(p, data.manifest_sha256, code)
-            result_file = out_dir / "runs" / f"{unit}.json"
-            if result_file.exists() and json.loads(result_file.read_text()).get("fingerprint") == key:
-                print(f"[{i}/{len(units)}] {unit}: done before", file=sys.stderr)
-                continue
-            print(f"[{i}/{len(units)}] {unit}: training ({p.train.epochs} epochs at most)", file=sys.stderr)
-            work = out_dir / "work" / unit
-            stale = work / "fingerprint"
-            resume = stale.exists() and stale.read_text() == key  # never resume another configuration
-            work.mkdir(parents=True, exist_ok=True)
-            stale.write_text(key)
-            result = fit(p, data, work, resume=resume)
-            test = evaluate_model(result.model, data, p.train.eval_batch_size)[1]["test"]
-            diagnostics = (
-                None if truth is None else diagnose(result.model, data, truth, p.train.eval_batch_size)
-            )
-            row = {
-                "variant": variant,
-                "seed": seed,
-                "fingerprint": key,
-                "best_epoch": result.best_epoch,
-                "seconds": result.seconds,
-                "device": str(device),
-                "test": test,
-                "valid": result.best_valid,
-                "diagnostics": diagnostics,
-            }
+    with parent.ending() if parent else contextlib.nullcontext(), contextlib.ExitStack() as stack:
+        if workers > 1 and len(todo) > 1:
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+            results = pool.imap_unordered(run_unit, todo)
+        else:
+            results = map(run_unit, todo)
+        for done, row in enumerate(results, 1):
+            unit = next(u for u in todo if (u.variant, u.seed) == (row["variant"], row["seed"]))
+            history = row.pop("history")
             if parent is not None:
-                row["run_id"] = _log_unit(parent, p, tags, variant, seed, result, test, diagnostics)
-            write_json(result_file, row)
+                row["run_id"] = _log_unit(parent, unit, tags, row, history)
+            write_json(out_dir / "runs" / f"{unit.variant}-{unit.seed}.json", row)
+            test = row["test"]
             print(
-                f"[{i}/{len(units)}] {unit}: test MAE {test['mae']:.4f}, Corr {test['corr']:.4f}, "
-                f"Non0 Acc-2 {test['acc2_non0']:.4f} ({result.seconds:.0f} s)",
+                f"[{done}/{len(todo)}] {unit.variant}-{unit.seed}: test MAE {test['mae']:.4f}, "
+                f"Corr {test['corr']:.4f}, Non0 Acc-2 {test['acc2_non0']:.4f} ({row['seconds']:.0f} s)",
                 file=sys.stderr,
             )
         runs = collect(out_dir, params)
@@ -157,31 +203,22 @@ def report(params: Params, data_dir: str | Path, out_dir: str | Path, *, track: 
     return table
 
 
-def _log_unit(
-    parent: Tracker,
-    p: Params,
-    tags: dict[str, str],
-    variant: str,
-    seed: int,
-    result,
-    test: dict[str, float],
-    diagnostics: dict | None,
-) -> str:
+def _log_unit(parent: Tracker, unit: Unit, tags: dict[str, str], row: dict, history: list[dict]) -> str:
     child = Tracker.start(
-        p.mlflow.experiment,
-        f"{variant} seed {seed}",
-        flat_params(p),
-        {**tags, "report.variant": variant, "report.seed": str(seed)},
+        unit.params.mlflow.experiment,
+        f"{unit.variant} seed {unit.seed}",
+        flat_params(unit.params),
+        {**tags, "report.variant": unit.variant, "report.seed": str(unit.seed)},
         parent=parent.run_id,
     )
     with child.ending():
-        for epoch_row in result.history:
+        for epoch_row in history:
             child.log_metrics({k: v for k, v in epoch_row.items() if k != "epoch"}, step=epoch_row["epoch"])
-        child.log_metrics(test, prefix="test_")
-        child.log_metrics(result.best_valid, prefix="best_valid_")
-        child.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.seconds})
-        if diagnostics is not None:
-            child.log_metrics(flat_diagnostics(diagnostics), prefix="diag.")
+        child.log_metrics(row["test"], prefix="test_")
+        child.log_metrics(row["valid"], prefix="best_valid_")
+        child.log_metrics({"best_epoch": row["best_epoch"], "train_seconds": row["seconds"]})
+        if row["diagnostics"] is not None:
+            child.log_metrics(flat_diagnostics(row["diagnostics"]), prefix="diag.")
     return child.run_id
 
 

@@ -153,3 +153,16 @@ def test_variants_are_the_chosen_models_ablations_or_other_models(root):
         load("model.name=late_fusion")
     # ... but the train stage's checks do not read the report's list
     load_checked(root / "params.yaml", ["model.name=late_fusion"])
+
+
+def test_worker_processes_give_the_results_of_one_process(tiny, tmp_path):
+    params, data = tiny
+    small = with_values(params, {"report.variants": ["mdkat", "late_fusion"], "report.seeds": [1]})
+    one = report(small, data, tmp_path / "one", track=False)
+    two = report(small, data, tmp_path / "two", workers=2, track=False)
+    assert sorted(p.name for p in (tmp_path / "two" / "runs").glob("*.json")) == [
+        "late_fusion-1.json",
+        "mdkat-1.json",
+    ]
+    # one torch thread per worker: the same arithmetic up to the order of a few sums
+    pd.testing.assert_frame_equal(one, two, check_exact=False, atol=1e-4)
