@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     train_batch = random_batch(args.batch, steps, generator, device)
     infer_batch = random_batch(args.infer_batch, steps, generator, device)
 
-    model = build(params, DIMS).to(device)
+    model = build(params, DIMS, aligned=not args.unaligned).to(device)
     weights = params.weights()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mdkat import ci
@@ -15,6 +16,7 @@ from mdkat.data.prepare import prepare
 from mdkat.data.prepared import SPLITS, read_manifest, read_split, write_prepared
 from mdkat.errors import MdkatError
 from mdkat.metrics import BY_NAME, METRIC_NAMES
+from mdkat.models.amsa import AdaptiveMaskedSelfAttention
 from tests.conftest import ROOT
 
 BASE = {"mae": 1.0, "corr": 0.5, "acc7": 0.3, "acc5": 0.3, "acc2_has0": 0.7, "f1_has0": 0.7, "acc2_non0": 0.7,
@@ -166,3 +168,13 @@ def test_a_broken_copy_of_the_data_fails_the_check(profile_data, tmp_path, edit)
     params, data_dir = profile_data
     broken = _edited_copy(data_dir, tmp_path / "broken", edit)
     assert _regressions(params, broken, tmp_path / "work")
+
+
+def test_amsa_scores_frozen_at_a_constant_fail_the_check(profile_data, tmp_path, monkeypatch):
+    params, data_dir = profile_data
+
+    def constant(self, projected):
+        return torch.zeros(projected.shape[:2], device=projected.device)  # every step equally important
+
+    monkeypatch.setattr(AdaptiveMaskedSelfAttention, "logit", constant)
+    assert _regressions(params, data_dir, tmp_path)
