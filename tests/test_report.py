@@ -166,3 +166,12 @@ def test_worker_processes_give_the_results_of_one_process(tiny, tmp_path):
     ]
     # one torch thread per worker: the same arithmetic up to the order of a few sums
     pd.testing.assert_frame_equal(one, two, check_exact=False, atol=1e-4)
+
+
+def test_the_code_digest_follows_the_code_not_its_comments_or_docstrings():
+    from mdkat.report import _code
+
+    a = 'def f(x):\n    """Doc."""\n    return x + 1  # comment\n'
+    b = '"""Module doc."""\n\n\ndef f(x):\n    """Other doc."""\n    # another comment\n    return x + 1\n'
+    c = 'def f(x):\n    """Doc."""\n    return x + 2\n'
+    assert _code(a) == _code(b) != _code(c)

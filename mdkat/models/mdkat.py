@@ -3,6 +3,7 @@ feature extraction, and multi-loss integration for decoupling").
 
     X_m --Projection--> P_m --shared encoder E_c--> C_m --CFF--> c                    (independent)
                         P_m --own encoder E_s^m--> S_m --AMSA--> s_m                  (specific)
+                        P_m --score--> importance of each step, one per step for all modalities when aligned
     [c; s_text; s_audio; s_vision] --sigmoid gate--> MLP --> sentiment score
     [mean C_m; s_m] --unimodal head m--> p_m           (task loss, and KT's measure of strength)
     [C_m; S_m] --decoder m--> reconstruction of P_m    (decoupling losses with orthogonality)
