@@ -27,21 +27,22 @@ class Metric:
     name: str
     label: str  # in tables and reports
     lower_is_better: bool
-    # the CI check's allowed worsening (absolute) against its baseline; other CPUs round differently,
-    # and training amplifies it
+    # the CI check's allowed worsening (absolute) against its baseline: 3 standard deviations of the CI
+    # profile's test value over training seeds 1111-1115 (`python -m mdkat.ci spread`, README), rounded
+    # up; a change that costs more than the seeds' own variation fails, another CPU's rounding does not
     ci_tolerance: float
 
 
 # in the order of the field's tables
 METRICS = (
-    Metric("mae", "MAE", lower_is_better=True, ci_tolerance=0.03),
-    Metric("corr", "Corr", lower_is_better=False, ci_tolerance=0.05),
-    Metric("acc7", "Acc-7", lower_is_better=False, ci_tolerance=0.05),
-    Metric("acc5", "Acc-5", lower_is_better=False, ci_tolerance=0.05),
-    Metric("acc2_has0", "Acc-2 (Has0)", lower_is_better=False, ci_tolerance=0.05),
-    Metric("f1_has0", "F1 (Has0)", lower_is_better=False, ci_tolerance=0.05),
-    Metric("acc2_non0", "Acc-2 (Non0)", lower_is_better=False, ci_tolerance=0.05),
-    Metric("f1_non0", "F1 (Non0)", lower_is_better=False, ci_tolerance=0.05),
+    Metric("mae", "MAE", lower_is_better=True, ci_tolerance=0.042),
+    Metric("corr", "Corr", lower_is_better=False, ci_tolerance=0.025),
+    Metric("acc7", "Acc-7", lower_is_better=False, ci_tolerance=0.034),
+    Metric("acc5", "Acc-5", lower_is_better=False, ci_tolerance=0.037),
+    Metric("acc2_has0", "Acc-2 (Has0)", lower_is_better=False, ci_tolerance=0.013),
+    Metric("f1_has0", "F1 (Has0)", lower_is_better=False, ci_tolerance=0.013),
+    Metric("acc2_non0", "Acc-2 (Non0)", lower_is_better=False, ci_tolerance=0.011),
+    Metric("f1_non0", "F1 (Non0)", lower_is_better=False, ci_tolerance=0.011),
 )
 BY_NAME = {m.name: m for m in METRICS}
 METRIC_NAMES = tuple(BY_NAME)
