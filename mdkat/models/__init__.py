@@ -25,14 +25,15 @@ def model_class(params: Params) -> type[Model]:
     return REGISTRY[params.model.name]
 
 
-def parse_config(name: str, raw: Any, file: str, error_for=None) -> BaseModel:
-    """Model `name`'s config from its raw `model.<name>` mapping; errors name `file` and the dotted key."""
+def parse_config(name: str, raw: Any, file: str, params: Params | None = None) -> BaseModel:
+    """Model `name`'s config from its raw `model.<name>` mapping; errors name `file`, the dotted key and,
+    with `params`, the override that set it."""
     cls = REGISTRY[name]
     try:
         return cls.Config.model_validate(raw)
     except ValidationError as e:
         error = translate(e, cls.Config, file, prefix=f"model.{name}.")
-        raise (error_for(error) if error_for else error) from None
+        raise (with_origin(error, params.origin(error.key or "")) if params else error) from None
 
 
 def config_of(params: Params, name: str | None = None) -> BaseModel:
@@ -40,10 +41,10 @@ def config_of(params: Params, name: str | None = None) -> BaseModel:
     name = name or params.model.name
     sections = params.model.sections()
     if name not in sections:
-        raise params.error("model.name", f"is {name!r}, but its section 'model.{name}' is missing")
-    return parse_config(
-        name, sections[name], params.file, lambda e: with_origin(e, params.origin(e.key or ""))
-    )
+        if name == params.model.name:
+            raise params.error("model.name", f"is {name!r}, but its section 'model.{name}' is missing")
+        raise params.error(f"model.{name}", "missing: every model used needs its section")
+    return parse_config(name, sections[name], params.file, params)
 
 
 def build(params: Params, dims: dict[str, int], aligned: bool = False) -> Model:
@@ -119,9 +120,14 @@ def check_params(params: Params) -> None:
         for term in expected:
             if term not in weights:
                 raise params.error(f"loss.{model}.{term}", "missing: every weighted term needs its weight")
-    if REGISTRY[name].WEIGHTED_TERMS and name not in params.loss:
-        raise params.error(f"loss.{name}", f"missing: {name} weights {list(REGISTRY[name].WEIGHTED_TERMS)}")
+    _require_weights(params, name)
     _check_space(params)
+
+
+def _require_weights(params: Params, model: str) -> None:
+    terms = list(REGISTRY[model].WEIGHTED_TERMS)
+    if terms and model not in params.loss:
+        raise params.error(f"loss.{model}", f"missing: {model} weights {terms}")
 
 
 def check_variants(params: Params) -> None:
@@ -131,8 +137,9 @@ def check_variants(params: Params) -> None:
     for variant in params.report.variants:
         if variant not in allowed:
             raise params.error("report.variants", f"expected items of {allowed}, got {variant!r}")
-        if variant in REGISTRY:
+        if variant in REGISTRY:  # trained with its own section and weights
             config_of(params, variant)
+            _require_weights(params, variant)
 
 
 def _check_space(params: Params) -> None:
