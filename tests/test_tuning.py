@@ -317,10 +317,11 @@ def test_a_stalled_trial_is_pruned_by_the_median_of_the_completed_ones(store, da
         f"tune.storage=journal:{tmp_path / 'study.journal'}",
     )
     # the study as tune() will find it, with its first trials queued: three sound learning rates (the
-    # pruner's startup trials) and then one in the stalled region
+    # pruner's startup trials, the default first so that tune() queues nothing more) and then one in the
+    # stalled region
     name = study_name(params, load_prepared(data_dir, splits=()).manifest_sha256)
     study = optuna.create_study(study_name=name, storage=_journal(tmp_path / "study.journal"))
-    for lr in (1e-3, 3e-3, 3e-4, 1e-7):
+    for lr in (params.train.lr, 3e-3, 3e-4, 1e-7):
         study.enqueue_trial({"train.lr": lr})
 
     result = tune(params, data_dir, tmp_path / "best.yaml")
