@@ -39,7 +39,7 @@ from mdkat.errors import MdkatError
 from mdkat.evaluation import evaluate_model
 from mdkat.io import atomic_open, write_json
 from mdkat.metrics import METRICS
-from mdkat.models import variant_label, variant_values
+from mdkat.models import model_class, variant_label, variant_values
 from mdkat.tracking import Tracker, flat_params, run_tags
 from mdkat.training import fit
 
@@ -401,23 +401,43 @@ def _diagnostics_table(runs: pd.DataFrame, params: Params) -> list[str]:
 
 
 def _reading(table: pd.DataFrame, params: Params) -> str:
-    """One sentence on what the paired tests say, so that nobody reads noise as an ablation result."""
+    """What the paired tests say, one line per variant, so that nobody reads noise as an ablation result."""
     alpha, name = params.report.alpha, variant_label(params, params.model.name)
     others = table[table.variant != params.model.name]
-    hits = others[others.significant]
-    if hits.empty:
-        return (
-            f"No variant differs from {name} significantly (p < {alpha}) in any metric: with these "
-            "seeds and this budget the differences between variants are within the variation between seeds."
-        )
-    listed = "; ".join(
-        f"{variant_label(params, r.variant)} {r.metric} {r.diff:+.3f} (p={r.p_value:.3f})"
-        for r in hits.itertuples()
-    )
-    return (
-        f"Significant at p < {alpha} (uncorrected for the {len(others)} comparisons, so about "
-        f"{alpha * len(others):.1f} are expected by chance): {listed}."
-    )
+    by_name = {m.name: m for m in METRICS}
+
+    def listed(found: list) -> str:
+        return ", ".join(f"{by_name[r.metric].label} {r.diff:+.3f} (p={r.p_value:.3f})" for r in found)
+
+    lines = [
+        f"What the paired tests say (p < {alpha}, uncorrected for the {len(others)} comparisons, so about "
+        f"{alpha * len(others):.1f} are expected by chance):",
+        "",
+    ]
+    for variant, rows in others.groupby("variant", sort=False):
+        worse, better = [], []
+        for r in rows[rows.significant].itertuples():
+            lower = by_name[r.metric].lower_is_better
+            (worse if (r.diff > 0 if lower else r.diff < 0) else better).append(r)
+
+        if worse and not better:
+            verdict = f"worse than {name} in {listed(worse)}"
+        elif better and not worse:
+            verdict = f"better than {name} in {listed(better)}"
+        elif worse:
+            verdict = f"worse than {name} in {listed(worse)}; better in {listed(better)}"
+        else:
+            verdict = f"no metric differs significantly from {name}"
+        if variant in model_class(params).ABLATIONS:
+            # an ablation removes one module: what its removal costs is what the module contributes
+            verdict += {
+                (True, False): ": the module helps",
+                (False, True): ": the model does better without the module",
+                (True, True): ": the module trades one metric for another",
+                (False, False): ": no measurable effect of the module with these seeds and this budget",
+            }[(bool(worse), bool(better))]
+        lines.append(f"- {variant_label(params, variant)}: {verdict}.")
+    return "\n".join(lines)
 
 
 def write_tables(

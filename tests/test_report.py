@@ -14,7 +14,7 @@ from mdkat.data.prepare import prepare
 from mdkat.metrics import METRIC_NAMES
 from mdkat.models import REGISTRY, config_of
 from mdkat.models.mdkat import MDKAT
-from mdkat.report import code_digest, fingerprint, report, run_params, summarize
+from mdkat.report import _reading, code_digest, fingerprint, report, run_params, summarize
 from tests.conftest import ROOT, small_data
 
 
@@ -54,6 +54,28 @@ def test_identical_variants_are_not_significant_and_a_consistent_gap_is():
     assert same["diff"] == 0.0 and same["p_value"] == 1.0 and not same["significant"]
     gap = table[(table.variant == "no_cff") & (table.metric == "corr")].iloc[0]
     assert gap["diff"] == pytest.approx(0.5) and gap["significant"]
+
+
+def test_the_reading_names_what_each_module_contributes():
+    params = load_checked(ROOT / "params.yaml", variants=True)
+    base, noise = [1.0, 2.0, 4.0], [0.0, 0.01, -0.01]
+    runs = _runs({"mdkat": base, "no_ka": base, "no_amsa": base, "no_kt": base, "late_fusion": base})
+    lower = [m for m in METRIC_NAMES if m == "mae"]
+    for variant, sign in (("no_amsa", 1.0), ("late_fusion", 1.0), ("no_kt", -1.0)):
+        # worse (sign +1) or better (sign -1) in every metric: MAE up means worse, anything else down does
+        for metric in METRIC_NAMES:
+            step = 0.5 if metric in lower else -0.5
+            runs.loc[runs.variant == variant, metric] += [sign * step + n for n in noise]
+    text = _reading(summarize(runs, alpha=0.05, reference="mdkat"), params)
+    lines = {line.split(":")[0]: line for line in text.splitlines() if line.startswith("- ")}
+    assert lines["- w/o AMSA"].endswith("the module helps.") and "MAE +0.500" in lines["- w/o AMSA"]
+    assert lines["- w/o KT"].endswith("the model does better without the module.")
+    assert "MAE -0.500" in lines["- w/o KT"] and "worse" not in lines["- w/o KT"]
+    assert lines["- w/o KA"].endswith("no measurable effect of the module with these seeds and this budget.")
+    # the baseline is not an ablation: compared, but no module is named
+    assert lines["- late fusion (baseline)"].startswith("- late fusion (baseline): worse than MDKAT")
+    assert "the module" not in lines["- late fusion (baseline)"]
+    assert "the 32 comparisons, so about 1.6 are expected by chance" in text  # 4 variants x 8 metrics x 0.05
 
 
 def test_run_params_apply_the_variant_seed_and_budget():
