@@ -10,7 +10,8 @@ paired t-test over seeds (the seed fixes the initialisation and batch order of b
 against the reference.
 
 Outputs: `runs.csv` (one row per run), `ablation.csv` (variant, metric, n, mean, std, diff, diff_std,
-p_value, significant) and `ablation.md`, which states the data source, budget, seeds and device.
+p_value, significant, and p_holm: Holm's step-down correction over every comparison of the table) and
+`ablation.md`, which states the data source, budget, seeds and device.
 """
 
 from __future__ import annotations
@@ -297,7 +298,22 @@ def summarize(runs: pd.DataFrame, alpha: float, reference: str) -> pd.DataFrame:
                     row["p_value"] = 1.0 if math.isnan(p_value) and not np.any(diff) else p_value
                     row["significant"] = bool(row["p_value"] < alpha)
             rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table["p_holm"] = holm(table["p_value"].to_numpy(np.float64))
+    return table
+
+
+def holm(p_values: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values over the finite entries (NaN stays NaN): controls the chance of
+    any false positive among all the table's comparisons, which 7 variants x 8 metrics make likely."""
+    adjusted = np.full_like(p_values, np.nan)
+    finite = np.flatnonzero(np.isfinite(p_values))
+    order = finite[np.argsort(p_values[finite], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def _header(first: str) -> list[str]:
@@ -329,7 +345,7 @@ def markdown(runs: pd.DataFrame, table: pd.DataFrame, params: Params, manifest: 
         f"(`report.budget`), selected on validation `{params.train.select_on}`; device {devices}",
         f"- test split metrics; mean ± sample std over {len(params.report.seeds)} seeds; Δ = variant − "
         f"{name} paired by seed, p from a paired t-test (scipy `ttest_rel`), * where "
-        f"p < {params.report.alpha}",
+        f"p < {params.report.alpha}, † where it stays below after Holm's correction over the table",
         f"- training time: {runs.seconds.sum() / 60:.1f} min for {len(runs)} runs",
         "",
         *_header("variant"),
@@ -351,7 +367,7 @@ def markdown(runs: pd.DataFrame, table: pd.DataFrame, params: Params, manifest: 
             for metric in METRICS:
                 r = cell.loc[(variant, metric.name)]
                 worse = r["diff"] > 0 if metric.lower_is_better else r["diff"] < 0
-                mark = "*" if r["significant"] else ""
+                mark = ("*" if r["significant"] else "") + ("†" if r["p_holm"] < params.report.alpha else "")
                 cells.append(f"{r['diff']:+.{digits}f}{mark} (p={r['p_value']:.3f}){' ▼' if worse else ''}")
             lines.append(f"| {variant_label(params, variant)} | " + " | ".join(cells) + " |")
         lines += ["", f"▼ marks a variant that is worse than {name} on average for that metric.", ""]
@@ -409,9 +425,11 @@ def _reading(table: pd.DataFrame, params: Params) -> str:
     def listed(found: list) -> str:
         return ", ".join(f"{by_name[r.metric].label} {r.diff:+.3f} (p={r.p_value:.3f})" for r in found)
 
+    n = int(others.p_value.notna().sum())
     lines = [
-        f"What the paired tests say (p < {alpha}, uncorrected for the {len(others)} comparisons, so about "
-        f"{alpha * len(others):.1f} are expected by chance):",
+        f"What the paired tests say (p < {alpha}; with {n} comparisons about {alpha * n:.1f} are expected "
+        "below it by chance, so a verdict on a module needs a difference that survives Holm's correction "
+        "for all of them, `p_holm` in `ablation.csv`):",
         "",
     ]
     for variant, rows in others.groupby("variant", sort=False):
@@ -419,7 +437,6 @@ def _reading(table: pd.DataFrame, params: Params) -> str:
         for r in rows[rows.significant].itertuples():
             lower = by_name[r.metric].lower_is_better
             (worse if (r.diff > 0 if lower else r.diff < 0) else better).append(r)
-
         if worse and not better:
             verdict = f"worse than {name} in {listed(worse)}"
         elif better and not worse:
@@ -428,14 +445,21 @@ def _reading(table: pd.DataFrame, params: Params) -> str:
             verdict = f"worse than {name} in {listed(worse)}; better in {listed(better)}"
         else:
             verdict = f"no metric differs significantly from {name}"
+        firm_worse = any(r.p_holm < alpha for r in worse)
+        firm_better = any(r.p_holm < alpha for r in better)
         if variant in model_class(params).ABLATIONS:
             # an ablation removes one module: what its removal costs is what the module contributes
             verdict += {
                 (True, False): ": the module helps",
                 (False, True): ": the model does better without the module",
                 (True, True): ": the module trades one metric for another",
-                (False, False): ": no measurable effect of the module with these seeds and this budget",
-            }[(bool(worse), bool(better))]
+            }.get((firm_worse, firm_better), "")
+        if not (firm_worse or firm_better):
+            verdict += (
+                ": nothing survives Holm's correction, no firm evidence either way"
+                if worse or better
+                else ": no measurable effect with these seeds and this budget"
+            )
         lines.append(f"- {variant_label(params, variant)}: {verdict}.")
     return "\n".join(lines)
 

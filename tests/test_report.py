@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -14,7 +15,7 @@ from mdkat.data.prepare import prepare
 from mdkat.metrics import METRIC_NAMES
 from mdkat.models import REGISTRY, config_of
 from mdkat.models.mdkat import MDKAT
-from mdkat.report import _reading, code_digest, fingerprint, report, run_params, summarize
+from mdkat.report import _reading, code_digest, fingerprint, holm, report, run_params, summarize
 from tests.conftest import ROOT, small_data
 
 
@@ -56,6 +57,28 @@ def test_identical_variants_are_not_significant_and_a_consistent_gap_is():
     assert gap["diff"] == pytest.approx(0.5) and gap["significant"]
 
 
+def test_holm_adjusts_by_rank_and_keeps_the_order():
+    # sorted 0.01, 0.03, 0.04 of m = 3: 3 x 0.01 = 0.03, 2 x 0.03 = 0.06, then max(0.06, 1 x 0.04) = 0.06
+    adjusted = holm(np.array([0.01, 0.04, math.nan, 0.03]))
+    assert adjusted[[0, 1, 3]] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[2])
+    assert holm(np.array([0.6, 0.9])) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_a_single_marginal_difference_is_no_verdict_on_its_module():
+    params = load_checked(ROOT / "params.yaml", variants=True)
+    base = [1.0, 2.0, 4.0, 3.0, 5.0]
+    runs = _runs({"mdkat": base, "no_cff": base, "no_ka": base})
+    # CFF: Acc-5 lower on every seed by a margin that a lone t-test calls significant (p about 0.02), but
+    # not among the 16 comparisons of the table
+    runs.loc[runs.variant == "no_cff", "acc5"] -= [0.1, 0.12, 0.08, 0.15, 0.05]
+    table = summarize(runs, alpha=0.05, reference="mdkat")
+    row = table[(table.variant == "no_cff") & (table.metric == "acc5")].iloc[0]
+    assert row.significant and row.p_holm >= 0.05
+    lines = {line.split(":")[0]: line for line in _reading(table, params).splitlines()}
+    assert "worse than MDKAT (all modules) in Acc-5" in lines["- w/o CFF"]
+    assert lines["- w/o CFF"].endswith("nothing survives Holm's correction, no firm evidence either way.")
+
+
 def test_the_reading_names_what_each_module_contributes():
     params = load_checked(ROOT / "params.yaml", variants=True)
     base, noise = [1.0, 2.0, 4.0], [0.0, 0.01, -0.01]
@@ -71,11 +94,11 @@ def test_the_reading_names_what_each_module_contributes():
     assert lines["- w/o AMSA"].endswith("the module helps.") and "MAE +0.500" in lines["- w/o AMSA"]
     assert lines["- w/o KT"].endswith("the model does better without the module.")
     assert "MAE -0.500" in lines["- w/o KT"] and "worse" not in lines["- w/o KT"]
-    assert lines["- w/o KA"].endswith("no measurable effect of the module with these seeds and this budget.")
+    assert lines["- w/o KA"].endswith("no measurable effect with these seeds and this budget.")
     # the baseline is not an ablation: compared, but no module is named
     assert lines["- late fusion (baseline)"].startswith("- late fusion (baseline): worse than MDKAT")
     assert "the module" not in lines["- late fusion (baseline)"]
-    assert "the 32 comparisons, so about 1.6 are expected by chance" in text  # 4 variants x 8 metrics x 0.05
+    assert "with 32 comparisons about 1.6 are expected" in text  # 4 variants x 8 metrics x 0.05
 
 
 def test_run_params_apply_the_variant_seed_and_budget():
