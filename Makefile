@@ -17,7 +17,7 @@ repro: setup
 test: setup
 	ruff check .
 	lint-imports
-	pytest -q -n 2
+	pytest -q -n 2 --dist worksteal
 	python -m mdkat.ci run --out .ci-runs/first
 	python -m mdkat.ci run --out .ci-runs/second
 	python -m mdkat.ci check --now .ci-runs/first --repeat .ci-runs/second
