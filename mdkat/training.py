@@ -148,7 +148,12 @@ def model_from_file(path: str | Path, device: torch.device | str = "cpu") -> nn.
     if missing:
         raise MdkatError(f"{path}: not a model file of this version of the pipeline (no {missing})")
     model = rebuild(
-        payload["model_name"], payload["model_config"], payload["dims"], payload["aligned"], str(path)
+        payload["model_name"],
+        payload["model_config"],
+        payload["dims"],
+        payload["aligned"],
+        str(path),
+        payload.get("sizes"),  # files written before split sizes were recorded have none
     )
     model.load_state_dict(payload["model"])
     return model.to(device).eval()
@@ -176,8 +181,9 @@ def fit(
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     dims, aligned = data.manifest["dims"], bool(data.manifest["aligned"])
+    sizes = {"train": len(data.train), "valid": len(data.valid)}
     weights = params.weights()
-    model = build(params, dims, aligned)
+    model = build(params, dims, aligned, sizes)
     fit_input_statistics(model, data.train)  # from the training split only, before any step
     model = model.to(device)
     # the weights' moving average is what is validated and kept (the model itself when train.ema is 0)
@@ -289,6 +295,7 @@ def fit(
             "model_config": config_of(params).model_dump(),
             "dims": dims,
             "aligned": aligned,
+            "sizes": sizes,
         },
     )
     _write_history(out_dir / "history.csv", state["history"])

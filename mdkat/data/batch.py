@@ -23,14 +23,32 @@ class Batch:
     vision_len: torch.Tensor  # (B,) int64
     label: torch.Tensor  # (B,) float32, sentiment in [-3, 3]
     id: list[str]
+    # (B,) int64, each sample's position in its split: per-sample state (Self-MM's unimodal labels) is
+    # indexed by it; a batch made without it numbers its samples 0..B-1
+    index: torch.Tensor | None = None
+    # BERT word pieces, where the source has them (prepared format, optional keys): (B, L) int64 each
+    text_ids: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None  # 1 on word pieces, 0 on padding
+    text_segment: torch.Tensor | None = None  # token type ids
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = torch.arange(len(self.label), device=self.label.device)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Batch:
         """Wrap a split's numpy arrays (prepared format) without copying them."""
         tensors = {
-            f.name: torch.from_numpy(arrays[f.name]) for f in dataclasses.fields(cls) if f.name != "id"
+            f.name: torch.from_numpy(arrays[f.name])
+            for f in dataclasses.fields(cls)
+            if f.name not in ("id", "index") and f.name in arrays
         }
         return cls(**tensors, id=arrays["id"].tolist())
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the batch carries BERT word pieces."""
+        return self.text_ids is not None
 
     def __len__(self) -> int:
         return len(self.label)
@@ -57,5 +75,12 @@ class Batch:
         return dataclasses.replace(self._map(lambda t: t.index_select(0, on_device)), id=ids)
 
     def _map(self, fn) -> Batch:
-        tensors = {f: fn(getattr(self, f)) for f in (*MODALITIES, *(f"{m}_len" for m in MODALITIES), "label")}
+        tensors = {
+            f: None if getattr(self, f) is None else fn(getattr(self, f))
+            for f in (*TENSOR_FIELDS, *OPTIONAL_FIELDS)
+        }
         return Batch(**tensors, id=self.id)
+
+
+TENSOR_FIELDS = (*MODALITIES, *(f"{m}_len" for m in MODALITIES), "label", "index")
+OPTIONAL_FIELDS = ("text_ids", "text_mask", "text_segment")

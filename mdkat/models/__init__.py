@@ -47,16 +47,26 @@ def config_of(params: Params, name: str | None = None) -> BaseModel:
     return parse_config(name, sections[name], params.file, params)
 
 
-def build(params: Params, dims: dict[str, int], aligned: bool = False) -> Model:
-    """The model `model.name` for inputs of feature sizes `dims` ({modality: d_m}), aligned or not."""
-    return model_class(params)(config_of(params), dims, aligned)
+def build(
+    params: Params, dims: dict[str, int], aligned: bool = False, sizes: dict[str, int] | None = None
+) -> Model:
+    """The model `model.name` for inputs of feature sizes `dims` ({modality: d_m}), aligned or not, and
+    splits of `sizes` samples ({split: n}; only models with per-sample state need them)."""
+    return model_class(params)(config_of(params), dims, aligned, sizes)
 
 
-def rebuild(name: str, config: dict[str, Any], dims: dict[str, int], aligned: bool, file: str) -> Model:
-    """A model from what a checkpoint stores: its registry name, its config, input sizes and alignment."""
+def rebuild(
+    name: str,
+    config: dict[str, Any],
+    dims: dict[str, int],
+    aligned: bool,
+    file: str,
+    sizes: dict[str, int] | None = None,
+) -> Model:
+    """A model from what a checkpoint stores: registry name, config, input and split sizes, alignment."""
     if name not in REGISTRY:
         raise ConfigError(f"{file}: a checkpoint of model {name!r}, which is not one of {sorted(REGISTRY)}")
-    return REGISTRY[name](parse_config(name, config, file), dims, aligned)
+    return REGISTRY[name](parse_config(name, config, file), dims, aligned, sizes)
 
 
 def loss_terms(params: Params) -> tuple[str, ...]:

@@ -44,8 +44,10 @@ class Ablation:
 class Model(nn.Module):
     """The interface of every model of the registry.
 
-    Built as `cls(config, dims, aligned)`: `dims` the feature size of each modality, `aligned` whether the
-    modalities share one time axis (the prepared data's manifest says so).
+    Built as `cls(config, dims, aligned, sizes)`: `dims` the feature size of each modality, `aligned` whether
+    the modalities share one time axis, `sizes` the number of samples of each split (the prepared data's
+    manifest says all three); a model that keeps per-sample state (Self-MM) sizes its buffers by `sizes`,
+    indexed by `Batch.index`, and the others ignore it.
     """
 
     Config: ClassVar[type[Section]]

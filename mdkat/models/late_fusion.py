@@ -36,7 +36,13 @@ class LateFusion(Model):
     Config = LateFusionConfig
     LABEL = "late fusion (baseline)"
 
-    def __init__(self, cfg: LateFusionConfig, dims: dict[str, int], aligned: bool = False):
+    def __init__(
+        self,
+        cfg: LateFusionConfig,
+        dims: dict[str, int],
+        aligned: bool = False,
+        sizes: Mapping[str, int] | None = None,
+    ):
         super().__init__()
         d = cfg.width
         self.projection = projections(cfg, {m: dims[m] for m in MODALITIES})

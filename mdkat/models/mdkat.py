@@ -70,7 +70,13 @@ class MDKAT(Model):
         "no_decoupling": Ablation("w/o decoupling", {"use_decoupling": False}),
     }
 
-    def __init__(self, cfg: MdkatConfig, dims: dict[str, int], aligned: bool = False):
+    def __init__(
+        self,
+        cfg: MdkatConfig,
+        dims: dict[str, int],
+        aligned: bool = False,
+        sizes: Mapping[str, int] | None = None,
+    ):
         super().__init__()
         self.cfg, self.aligned = cfg, aligned
         d, drop = cfg.width, cfg.dropout
