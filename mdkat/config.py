@@ -122,12 +122,24 @@ class DataConfig(Section):
     synthetic: SyntheticConfig
 
 
+class BertConfig(Section):
+    """`model.bert`: the BERT that `model.text_encoder: bert` fine-tunes (`mdkat.models.bert`)."""
+
+    checkpoint: str | None  # a local folder (config.json, weights, tokenizer files); never downloaded
+    lr: PositiveFloat  # its own learning rate: the field fine-tunes BERT at 5e-5, far below the rest
+
+
 class ModelSection(Section):
-    """`model.name` and one mapping per model (`model.<name>`), validated by that model's config type."""
+    """`model.name`, the text encoder and one mapping per model (`model.<name>`), validated by that
+    model's config type."""
 
     model_config = ConfigDict(strict=True, extra="allow", frozen=True)
 
     name: str  # a key of mdkat.models.REGISTRY
+    text_encoder: Literal[
+        "features", "bert"
+    ]  # features: the prepared vectors; bert: fine-tuned on word pieces
+    bert: BertConfig
 
     def sections(self) -> dict[str, Any]:
         """`{model name: its raw mapping}` for every model section in the file."""

@@ -40,7 +40,7 @@ from mdkat.data import Batch, Prepared
 from mdkat.errors import MdkatError
 from mdkat.io import atomic_open
 from mdkat.metrics import is_better, regression_metrics
-from mdkat.models import ModelOutput, build, config_of, rebuild
+from mdkat.models import ModelOutput, build, rebuild
 from mdkat.models.encoders import fit_input_statistics
 
 CHECKPOINT = "checkpoint.pt"
@@ -147,14 +147,7 @@ def model_from_file(path: str | Path, device: torch.device | str = "cpu") -> nn.
     missing = [k for k in ("model", "model_name", "model_config", "dims", "aligned") if k not in payload]
     if missing:
         raise MdkatError(f"{path}: not a model file of this version of the pipeline (no {missing})")
-    model = rebuild(
-        payload["model_name"],
-        payload["model_config"],
-        payload["dims"],
-        payload["aligned"],
-        str(path),
-        payload.get("sizes"),  # files written before split sizes were recorded have none
-    )
+    model = rebuild(payload, str(path))
     model.load_state_dict(payload["model"])
     return model.to(device).eval()
 
@@ -188,7 +181,7 @@ def fit(
     model = model.to(device)
     # the weights' moving average is what is validated and kept (the model itself when train.ema is 0)
     averaged = copy.deepcopy(model) if cfg.ema > 0 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameter_groups(cfg.lr), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience
     )
@@ -287,17 +280,7 @@ def fit(
     if state["best_model"] is None:
         raise MdkatError("training produced no usable epoch (the validation metric was NaN every time)")
     averaged.load_state_dict(state["best_model"])
-    _save(
-        out_dir / "model.pt",
-        {
-            "model": state["best_model"],
-            "model_name": params.model.name,
-            "model_config": config_of(params).model_dump(),
-            "dims": dims,
-            "aligned": aligned,
-            "sizes": sizes,
-        },
-    )
+    _save(out_dir / "model.pt", {"model": state["best_model"], **model.spec})
     _write_history(out_dir / "history.csv", state["history"])
     return FitResult(
         model=averaged,

@@ -44,6 +44,19 @@ def prepared(params: Params, folder: Path) -> Path:
     return folder / "prepared"
 
 
+def section(name: str, **changes):
+    """Model `name`'s config from `params.yaml`'s `model.<name>` section, with top-level keys replaced."""
+    from mdkat.models import REGISTRY
+
+    raw = load_params(ROOT / "params.yaml").model.sections()[name]
+    return REGISTRY[name].Config.model_validate({**raw, **changes})
+
+
+def section_weights(name: str) -> dict[str, float]:
+    """Model `name`'s loss weights in `params.yaml` (none for a model with the task term only)."""
+    return load_params(ROOT / "params.yaml").weights(name)
+
+
 def small_data(**changes) -> DataConfig:
     """`params.yaml`'s data section with tiny synthetic splits, then `changes` applied."""
     data = load_params(ROOT / "params.yaml").data

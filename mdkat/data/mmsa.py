@@ -226,6 +226,11 @@ def _split_arrays(raw: Any, split: str, where: str) -> tuple[SplitArrays, dict[s
         arrays[f"{m}_len"] = np.clip(lengths, 1, steps[m]).astype(np.int64)
 
     arrays["label"] = label.reshape(n).astype(np.float32)
+    if MASK_KEY in raw:  # the word pieces themselves, for a fine-tuned BERT (model.text_encoder: bert)
+        text_bert = np.asarray(raw[MASK_KEY]).astype(np.int64)  # (N, 3, T_text), checked above
+        arrays["text_ids"], arrays["text_mask"], arrays["text_segment"] = (
+            np.ascontiguousarray(text_bert[:, i]) for i in range(3)
+        )
     if "id" in raw:
         ids = np.asarray(raw["id"])
         if ids.ndim != 1:

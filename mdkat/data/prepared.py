@@ -1,8 +1,10 @@
 """The prepared format: the one contract between `prepare` and every later stage.
 
 `<dir>/{train,valid,test}.npz` hold `text`, `audio`, `vision` (float32, N x T_m x d_m), `text_len`,
-`audio_len`, `vision_len` (int64), `label` (float32) and `id` (str); `<dir>/manifest.json` describes them
-and records the SHA-256 of every file, so that a reader notices a changed or truncated split.
+`audio_len`, `vision_len` (int64), `label` (float32) and `id` (str), and, where the source has BERT word
+pieces, `text_ids`, `text_mask`, `text_segment` (int64, N x L; optional, so that data prepared before
+they existed stay valid); `<dir>/manifest.json` describes them and records the SHA-256 of every file, so
+that a reader notices a changed or truncated split.
 
 A split in memory is a plain dict with exactly those keys (`SplitArrays`): the file format itself.
 """
@@ -23,6 +25,7 @@ from mdkat.io import atomic_dir, atomic_open, sha256_file, write_json
 SPLITS = ("train", "valid", "test")
 LENGTH_KEYS = tuple(f"{m}_len" for m in MODALITIES)
 FIELDS = (*MODALITIES, *LENGTH_KEYS, "label", "id")
+TOKEN_FIELDS = ("text_ids", "text_mask", "text_segment")  # all three or none
 FORMAT_VERSION = 1
 
 SplitArrays = dict[str, np.ndarray]
@@ -88,12 +91,39 @@ def validate_split(arrays: SplitArrays, split: str, where: str) -> None:
         )
     if arrays["id"].dtype.kind != "U":
         raise DataError(f"{where}: split '{split}' key 'id': expected strings, got {arrays['id'].dtype}")
+    _validate_tokens(arrays, split, where, n)
+
+
+def _validate_tokens(arrays: SplitArrays, split: str, where: str, n: int) -> None:
+    present = [k for k in TOKEN_FIELDS if k in arrays]
+    if not present:
+        return
+    if len(present) < len(TOKEN_FIELDS):
+        missing = [k for k in TOKEN_FIELDS if k not in arrays]
+        raise DataError(f"{where}: split '{split}': has {present} but not {missing} (all three or none)")
+    shape = arrays["text_ids"].shape
+    for key in TOKEN_FIELDS:
+        x = arrays[key]
+        if x.dtype != np.int64 or x.ndim != 2 or x.shape != shape or len(x) != n:
+            raise DataError(
+                f"{where}: split '{split}' key '{key}': expected int64 of shape ({n}, L) like text_ids, "
+                f"got {x.dtype} {x.shape}"
+            )
+    mask = arrays["text_mask"]
+    if not np.isin(mask, (0, 1)).all():
+        raise DataError(f"{where}: split '{split}' key 'text_mask': expected 0/1 values")
+    if (np.diff(mask, axis=1) > 0).any():
+        raise DataError(f"{where}: split '{split}' key 'text_mask': word pieces must precede the padding")
+    if (mask.sum(1) < 1).any():
+        raise DataError(f"{where}: split '{split}' key 'text_mask': a sample without any word piece")
+    if (arrays["text_ids"] < 0).any():
+        raise DataError(f"{where}: split '{split}' key 'text_ids': negative token ids")
 
 
 def _write_npz(path: Path, arrays: SplitArrays) -> None:
     # np.savez stamps the current time into the zip; fixed metadata makes same data give the same bytes.
     with atomic_open(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for key in FIELDS:
+        for key in (*FIELDS, *(k for k in TOKEN_FIELDS if k in arrays)):
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
@@ -140,10 +170,14 @@ def write_prepared(out: str | Path, splits: dict[str, SplitArrays], info: dict[s
         "dims": dims,
         "seq_len": seq_len,
         "counts": {s: len(splits[s]["label"]) for s in SPLITS},
+        # word pieces per sample, only where the source has BERT's token ids (model.text_encoder: bert):
+        # data without them keep the manifest they always had
         "label_stats": {s: _label_stats(splits[s]["label"]) for s in SPLITS},
         "nonfinite_replaced": replaced,
         "files": {},
     }
+    if "text_ids" in first:
+        manifest["text_tokens"] = int(first["text_ids"].shape[1])
     with atomic_dir(out) as tmp:
         for split in SPLITS:
             _write_npz(tmp / f"{split}.npz", splits[split])

@@ -14,10 +14,24 @@ from pydantic import BaseModel, ValidationError
 
 from mdkat.config import ConfigError, Params, SearchRange, to_flat_dict, translate, with_origin
 from mdkat.models.base import Ablation, Model, ModelOutput
+from mdkat.models.dmd import DMD
 from mdkat.models.late_fusion import LateFusion
 from mdkat.models.mdkat import MDKAT
+from mdkat.models.misa import MISA
+from mdkat.models.mult import MulT
+from mdkat.models.self_mm import SelfMM
+from mdkat.models.tfn import TFN
 
-REGISTRY: dict[str, type[Model]] = {"mdkat": MDKAT, "late_fusion": LateFusion}
+# the project's model first, then the field's baselines in order of publication
+REGISTRY: dict[str, type[Model]] = {
+    "mdkat": MDKAT,
+    "late_fusion": LateFusion,
+    "tfn": TFN,
+    "mult": MulT,
+    "misa": MISA,
+    "self_mm": SelfMM,
+    "dmd": DMD,
+}
 
 
 def model_class(params: Params) -> type[Model]:
@@ -51,22 +65,52 @@ def build(
     params: Params, dims: dict[str, int], aligned: bool = False, sizes: dict[str, int] | None = None
 ) -> Model:
     """The model `model.name` for inputs of feature sizes `dims` ({modality: d_m}), aligned or not, and
-    splits of `sizes` samples ({split: n}; only models with per-sample state need them)."""
-    return model_class(params)(config_of(params), dims, aligned, sizes)
+    splits of `sizes` samples ({split: n}; only models with per-sample state need them); with
+    `model.text_encoder: bert`, wrapped to read its text through the fine-tuned BERT.
+
+    The model's `spec` is what `rebuild` needs to make it again from a model file.
+    """
+    cfg = config_of(params)
+    bert = None
+    if params.model.text_encoder == "bert":
+        from mdkat.models.bert import load_bert, text_config
+
+        bert = load_bert(params.model.bert, params.file)
+        cfg, dims = text_config(cfg), {**dims, "text": bert.config.hidden_size}
+    return _assemble(params.model.name, cfg, dims, aligned, sizes, bert, params.model.bert.lr)
 
 
-def rebuild(
-    name: str,
-    config: dict[str, Any],
-    dims: dict[str, int],
-    aligned: bool,
-    file: str,
-    sizes: dict[str, int] | None = None,
-) -> Model:
-    """A model from what a checkpoint stores: registry name, config, input and split sizes, alignment."""
+def _assemble(name, cfg, dims, aligned, sizes, bert, bert_lr) -> Model:
+    model = REGISTRY[name](cfg, dims, aligned, sizes)
+    if bert is not None:
+        from mdkat.models.bert import WithBert
+
+        model = WithBert(model, bert, bert_lr)
+    model.spec = {
+        "model_name": name,
+        "model_config": cfg.model_dump(),
+        "dims": dims,
+        "aligned": aligned,
+        "sizes": sizes,
+        **({"bert": bert.config.to_dict(), "bert_lr": bert_lr} if bert is not None else {}),
+    }
+    return model
+
+
+def rebuild(spec: dict[str, Any], file: str) -> Model:
+    """A model from a model file's `spec` (see `build`): registry name, config, input and split sizes,
+    alignment and, for a BERT text encoder, BERT's architecture (its weights come with the state dict)."""
+    name = spec["model_name"]
     if name not in REGISTRY:
         raise ConfigError(f"{file}: a checkpoint of model {name!r}, which is not one of {sorted(REGISTRY)}")
-    return REGISTRY[name](parse_config(name, config, file), dims, aligned, sizes)
+    bert = None
+    if "bert" in spec:
+        from mdkat.models.bert import bert_from_config
+
+        bert = bert_from_config(spec["bert"])
+    cfg = parse_config(name, spec["model_config"], file)
+    # files written before split sizes were recorded have none
+    return _assemble(name, cfg, spec["dims"], spec["aligned"], spec.get("sizes"), bert, spec.get("bert_lr"))
 
 
 def loss_terms(params: Params) -> tuple[str, ...]:
@@ -132,6 +176,10 @@ def check_params(params: Params) -> None:
                 raise params.error(f"loss.{model}.{term}", "missing: every weighted term needs its weight")
     _require_weights(params, name)
     _check_space(params)
+    if params.model.text_encoder == "bert":
+        from mdkat.models.bert import require_checkpoint
+
+        require_checkpoint(params.model.bert, params.file)
 
 
 def _require_weights(params: Params, model: str) -> None:

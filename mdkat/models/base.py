@@ -54,6 +54,8 @@ class Model(nn.Module):
     LABEL: ClassVar[str]  # in the report's tables
     WEIGHTED_TERMS: ClassVar[tuple[str, ...]] = ()  # loss terms next to `task`, each with a weight
     ABLATIONS: ClassVar[Mapping[str, Ablation]] = {}
+    LEARNED_INPUTS: ClassVar[tuple[str, ...]] = ()  # modalities whose inputs a trained encoder produces
+    spec: dict[str, Any]  # what rebuilds the model from a file (set by `mdkat.models.build`)
 
     @property
     def decoupled(self) -> bool:
@@ -64,6 +66,10 @@ class Model(nn.Module):
     def loss_terms(cls, cfg: Any) -> tuple[str, ...]:
         """The terms computed under `cfg` (`task` first, weight 1); switched-off modules drop theirs."""
         return ("task", *cls.WEIGHTED_TERMS)
+
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups, all at `lr` unless a part has its own rate (BERT)."""
+        return [{"params": list(self.parameters()), "lr": lr}]
 
     def forward(self, batch) -> ModelOutput:  # pragma: no cover - the interface
         raise NotImplementedError

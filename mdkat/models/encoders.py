@@ -217,10 +217,14 @@ class SelfAttentionLayer(nn.Module):
 
 @torch.no_grad()
 def fit_input_statistics(model: nn.Module, train) -> None:
-    """Set every projection's normalisation from the valid steps of the training split (a `Batch`)."""
+    """Set every projection's normalisation from the valid steps of the training split (a `Batch`);
+    modalities a trained encoder produces (`model.LEARNED_INPUTS`: BERT's text) keep the identity."""
+    learned = getattr(model, "LEARNED_INPUTS", ())
     for name, module in model.named_modules():
         if isinstance(module, Projection):
             m = name.rsplit(".", 1)[-1]  # projections live in ModuleDicts keyed by modality
+            if m in learned:
+                continue
             x = train.features(m)
             module.set_statistics(x[valid_mask(train.lengths(m), x.shape[1])])  # (valid steps, d_m)
 
