@@ -174,6 +174,11 @@ def fit(
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     dims, aligned = data.manifest["dims"], bool(data.manifest["aligned"])
+    if params.model.text_encoder == "bert" and "text_tokens" not in data.manifest:
+        raise MdkatError(
+            f"model.text_encoder is 'bert' but the prepared data ({data.manifest.get('source')}) have no "
+            "word pieces (text_ids): use mmsa data with text_bert, or model.text_encoder=features"
+        )
     sizes = {"train": len(data.train), "valid": len(data.valid)}
     weights = params.weights()
     model = build(params, dims, aligned, sizes)

@@ -106,8 +106,8 @@ def _validate_tokens(arrays: SplitArrays, split: str, where: str, n: int) -> Non
         x = arrays[key]
         if x.dtype != np.int64 or x.ndim != 2 or x.shape != shape or len(x) != n:
             raise DataError(
-                f"{where}: split '{split}' key '{key}': expected int64 of shape ({n}, L) like text_ids, "
-                f"got {x.dtype} {x.shape}"
+                f"{where}: split '{split}' key '{key}': expected int64 of shape ({n}, L), the same for "
+                f"text_ids, text_mask and text_segment; got {x.dtype} {x.shape} (text_ids: {shape})"
             )
     mask = arrays["text_mask"]
     if not np.isin(mask, (0, 1)).all():

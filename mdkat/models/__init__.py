@@ -177,9 +177,12 @@ def check_params(params: Params) -> None:
     _require_weights(params, name)
     _check_space(params)
     if params.model.text_encoder == "bert":
-        from mdkat.models.bert import require_checkpoint
+        from mdkat.models.bert import CHECKPOINT_KEY, require_checkpoint
 
-        require_checkpoint(params.model.bert, params.file)
+        try:
+            require_checkpoint(params.model.bert, params.file)
+        except ConfigError as e:
+            raise with_origin(e, params.origin(CHECKPOINT_KEY)) from None
 
 
 def _require_weights(params: Params, model: str) -> None:

@@ -58,20 +58,28 @@ def require_checkpoint(cfg: BertConfig, file: str) -> Path:
 def load_bert(cfg: BertConfig, file: str) -> nn.Module:
     """The pretrained BERT of `model.bert.checkpoint`, from local files only."""
     from transformers import AutoModel  # slow to import: only runs that use BERT pay for it
+    from transformers.utils import logging
 
     folder = require_checkpoint(cfg, file)
+    verbosity = logging.get_verbosity()
+    # the pooler is left out (nothing reads it); its weights in the file are not a problem worth a table
+    logging.set_verbosity_error()
     try:
         return AutoModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
     except (OSError, ValueError) as e:
         raise BertError(f"{file}: {CHECKPOINT_KEY}: {folder}: not a loadable BERT ({e})") from None
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def bert_from_config(config: dict[str, Any]) -> nn.Module:
     """A BERT of the architecture `config` (a `BertConfig.to_dict()`), randomly initialised."""
     from transformers import AutoConfig, AutoModel
 
-    kind = config.get("model_type", "bert")
-    return AutoModel.from_config(AutoConfig.for_model(kind, **config), add_pooling_layer=False)
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    return AutoModel.from_config(
+        AutoConfig.for_model(config.get("model_type", "bert"), **fields), add_pooling_layer=False
+    )
 
 
 def load_tokenizer(folder: str | Path):
