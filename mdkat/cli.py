@@ -92,19 +92,28 @@ def _diagnose_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace, params: Params) -> str:
-    from mdkat.report import report
+    from mdkat.report import report, variants_of
 
-    table = report(params, args.data, args.out, workers=args.workers).set_index(["variant", "metric"])
-    mae = ", ".join(f"{v} {table.loc[(v, 'mae'), 'mean']:.4f}" for v in params.report.variants)
+    table = report(params, args.data, args.out, table=args.table, workers=args.workers)
+    table = table.set_index(["variant", "metric"])
+    mae = ", ".join(f"{v} {table.loc[(v, 'mae'), 'mean']:.4f}" for v in variants_of(params, args.table))
     seeds = len(params.report.seeds)
     return f"test MAE (mean over {seeds} seeds): {mae}; {params.model.name} is the reference -> {args.out}"
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--out", required=True, help="report directory (ablation.md, ablation.csv, runs/)")
+    p.add_argument(
+        "--out", required=True, help="report directory (ablation.md / models.md, their CSVs, runs/)"
+    )
     p.add_argument("--best", help="YAML of tuned values applied to every variant (-S still wins)")
     p.add_argument("--workers", type=int, default=1, help="training processes, one torch thread each")
+    p.add_argument(
+        "--table",
+        choices=["ablation", "models"],
+        default="ablation",
+        help="ablation: report.variants (ablation.md); models: report.models, the baselines (models.md)",
+    )
 
 
 def _tune_arguments(p: argparse.ArgumentParser) -> None:

@@ -205,7 +205,8 @@ class ReportBudget(Section):
 class ReportConfig(Section):
     """The ablation and multi-seed report (`mdkat.report`)."""
 
-    variants: Items[str]  # registry models and ablations of `model.name` (mdkat.models.check_params)
+    variants: Items[str]  # the ablation table: registry models and ablations of `model.name`
+    models: Items[str]  # the models table: registry models, each with its own section and loss weights
     seeds: Items[int]  # train.seed of each run; the data stay the same
     budget: ReportBudget
     alpha: Annotated[float, Field(gt=0, lt=1)]  # significance level of the paired tests

@@ -142,9 +142,15 @@ def diagnose(model: nn.Module, data: Prepared, truth: dict[str, SplitTruth], bat
         if kind == "independent" and not decoupled:  # C_m is S_m, or there is no C_m at all
             probes[kind] = None
             continue
+        pooled = {
+            m: (_cat(splits["train"].outputs, field, m), _cat(test.outputs, field, m)) for m in MODALITIES
+        }
+        if any(x is None for pair in pooled.values() for x in pair):  # a model without pooled features
+            probes[kind] = None
+            continue
         probes[kind] = {}
         for i, m in enumerate(MODALITIES):
-            train_x, test_x = _cat(splits["train"].outputs, field, m), _cat(test.outputs, field, m)
+            train_x, test_x = pooled[m]
             factors = {"shared": 0, "own": 1 + i}  # columns of SplitTruth.factors: z_c, z_t, z_a, z_v
             probes[kind][m] = {
                 name: probe_r2(

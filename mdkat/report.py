@@ -1,17 +1,21 @@
-"""The ablation and multi-seed report: every variant of `report.variants` trained with every seed.
+"""The multi-seed report's two tables: every variant of a table trained with every seed.
 
-A variant is the chosen model (`model.name`, the reference), one of its ablations (`Model.ABLATIONS`) or
-another model of the registry. Each (variant, seed) trains with `params` + the variant's values +
-`train.seed` + the report's budget, is evaluated on the test split, and is written to
-`<out>/runs/<variant>-<seed>.json` with a fingerprint of everything that produced it. A re-run skips the
-units whose fingerprint still matches and resumes an interrupted unit from its checkpoint, so an
-interrupted report continues where it stopped. The summary compares each variant with full MDKAT by a
-paired t-test over seeds (the seed fixes the initialisation and batch order of both runs of a pair)
-against the reference.
+The ablation table (`report.variants`) holds the chosen model (`model.name`, the reference), its
+ablations (`Model.ABLATIONS`) and other models; the models table (`report.models`) puts the field's
+baselines of the registry beside it, each with its own `model.<name>` section and loss weights. Both
+share `<out>/runs/`: a unit of both tables (the reference's seeds) trains once.
 
-Outputs: `runs.csv` (one row per run), `ablation.csv` (variant, metric, n, mean, std, diff, diff_std,
-p_value, significant, and p_holm: Holm's step-down correction over every comparison of the table) and
-`ablation.md`, which states the data source, budget, seeds and device.
+Each (variant, seed) trains with `params` + the variant's values + `train.seed` + the report's budget, is
+evaluated on the test split, and is written to `<out>/runs/<variant>-<seed>.json` with a fingerprint of
+everything that produced it. A re-run skips the units whose fingerprint still matches and resumes an
+interrupted unit from its checkpoint, so an interrupted report continues where it stopped. The summary
+compares each variant with full MDKAT by a paired t-test over seeds (the seed fixes the initialisation and
+batch order of both runs of a pair) against the reference.
+
+Outputs per table (`TABLES`): one row per run (`runs.csv`, `models_runs.csv`), the summary (`ablation.csv`,
+`models.csv`: variant, metric, n, mean, std, diff, diff_std, p_value, significant, and p_holm: Holm's
+step-down correction over every comparison of the table) and the page for people (`ablation.md`,
+`models.md`), which states the data source, budget, seeds and device.
 """
 
 from __future__ import annotations
@@ -44,7 +48,39 @@ from mdkat.models import model_class, variant_label, variant_values
 from mdkat.tracking import Tracker, flat_params, run_tags
 from mdkat.training import fit
 
-RECORD = "mlflow_run.json"
+
+@dataclass(frozen=True)
+class Table:
+    """One table of the report: its variants' key in `report`, its files and its title."""
+
+    variants_key: str
+    runs_file: str
+    summary_file: str
+    page: str
+    record: str  # the parent MLflow run of the table
+    title: str
+
+
+TABLES = {
+    "ablation": Table(
+        "variants",
+        "runs.csv",
+        "ablation.csv",
+        "ablation.md",
+        "mlflow_run.json",
+        "Ablation and multi-seed report",
+    ),
+    "models": Table(
+        "models", "models_runs.csv", "models.csv", "models.md", "mlflow_run_models.json", "Model comparison"
+    ),
+}
+
+
+def variants_of(params: Params, table: str) -> tuple[str, ...]:
+    """The variants of `table`: `report.variants` or `report.models`."""
+    return getattr(params.report, TABLES[table].variants_key)
+
+
 # what a run's result depends on; tune/mlflow/report/ci settings do not change a trained model
 _RUN_SECTIONS = ("data", "model", "loss", "train")
 # the code that shapes a run and its numbers (relative to the package): a committed run never outlives it
@@ -108,13 +144,14 @@ def fingerprint(params: Params, manifest_sha256: str, code: str | None = None) -
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _parent_tracker(params: Params, out_dir: Path, tags: dict[str, str]) -> Tracker:
-    record = out_dir / RECORD
+def _parent_tracker(params: Params, out_dir: Path, tags: dict[str, str], table: str) -> Tracker:
+    record = out_dir / TABLES[table].record
     if record.exists():
         tracker = Tracker.attach(record)
         tracker.reopen()
         return tracker
-    tracker = Tracker.start(params.mlflow.experiment, "report", flat_params(params), tags)
+    name = "report" if table == "ablation" else f"report {table}"
+    tracker = Tracker.start(params.mlflow.experiment, name, flat_params(params), tags)
     write_json(record, tracker.record())
     return tracker
 
@@ -160,21 +197,35 @@ def run_unit(unit: Unit) -> dict[str, Any]:
 
 
 def report(
-    params: Params, data_dir: str | Path, out_dir: str | Path, *, workers: int = 1, track: bool = True
+    params: Params,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    table: str = "ablation",
+    workers: int = 1,
+    track: bool = True,
 ) -> pd.DataFrame:
-    """Train and test every (variant, seed) not done yet; write runs.csv, ablation.csv and ablation.md.
+    """Train and test every (variant, seed) of `table` not done yet; write the table's files (`TABLES`).
 
     With `workers` > 1 the units train in that many processes with one torch thread each (small models
     use a second thread poorly, a second process fully); results are recorded here, as they arrive.
     """
     if workers < 1:
         raise MdkatError(f"--workers must be at least 1, got {workers}")
+    if table not in TABLES:
+        raise MdkatError(f"--table: expected one of {list(TABLES)}, got {table!r}")
     out_dir = Path(out_dir)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     data = load_prepared(data_dir)
     # every unit's parameters first: a variant that does not validate fails before any training
-    planned = [(v, s, run_params(params, v, s)) for v in params.report.variants for s in params.report.seeds]
-    tags = {**run_tags(data.manifest, data.manifest_sha256), "report.budget": json.dumps(_budget(params))}
+    planned = [
+        (v, s, run_params(params, v, s)) for v in variants_of(params, table) for s in params.report.seeds
+    ]
+    tags = {
+        **run_tags(data.manifest, data.manifest_sha256),
+        "report.budget": json.dumps(_budget(params)),
+        "report.table": table,
+    }
     # on synthetic data every run is also measured against the truth (mdkat.diagnose)
     truth = regenerate_truth(data, str(data_dir)) if data.manifest.get("source") == "synthetic" else None
     code = code_digest()
@@ -193,7 +244,7 @@ def report(
         threads = 1 if workers > 1 else None
         todo.append(Unit(variant, seed, p, key, str(data_dir), work, resume, truth, threads))
     print(f"{len(todo)} of {len(planned)} runs to train, {workers} worker(s)", file=sys.stderr)
-    parent = _parent_tracker(params, out_dir, tags) if track else None
+    parent = _parent_tracker(params, out_dir, tags, table) if track else None
     with parent.ending() if parent else contextlib.nullcontext(), contextlib.ExitStack() as stack:
         if workers > 1 and len(todo) > 1:
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
@@ -212,12 +263,13 @@ def report(
                 f"Corr {test['corr']:.4f}, Non0 Acc-2 {test['acc2_non0']:.4f} ({row['seconds']:.0f} s)",
                 file=sys.stderr,
             )
-        runs = collect(out_dir, params)
-        table = summarize(runs, params.report.alpha, params.model.name)
-        write_tables(out_dir, runs, table, params, data.manifest)
+        runs = collect(out_dir, params, table)
+        summary = summarize(runs, params.report.alpha, params.model.name)
+        write_tables(out_dir, runs, summary, params, data.manifest, table)
         if parent is not None:
-            parent.log_artifacts([out_dir / n for n in ("runs.csv", "ablation.csv", "ablation.md")])
-    return table
+            files = TABLES[table]
+            parent.log_artifacts([out_dir / n for n in (files.runs_file, files.summary_file, files.page)])
+    return summary
 
 
 def _log_unit(parent: Tracker, unit: Unit, tags: dict[str, str], row: dict, history: list[dict]) -> str:
@@ -225,7 +277,12 @@ def _log_unit(parent: Tracker, unit: Unit, tags: dict[str, str], row: dict, hist
         unit.params.mlflow.experiment,
         f"{unit.variant} seed {unit.seed}",
         flat_params(unit.params),
-        {**tags, "report.variant": unit.variant, "report.seed": str(unit.seed)},
+        {
+            **tags,
+            "model": unit.params.model.name,
+            "report.variant": unit.variant,
+            "report.seed": str(unit.seed),
+        },
         parent=parent.run_id,
     )
     with child.ending():
@@ -244,10 +301,10 @@ def _budget(params: Params) -> dict[str, Any]:
     return {"epochs": p.train.epochs, "patience": p.train.patience}
 
 
-def collect(out_dir: Path, params: Params) -> pd.DataFrame:
-    """One row per (variant, seed) of `params.report`: its test metrics, from `<out>/runs/*.json`."""
+def collect(out_dir: Path, params: Params, table: str = "ablation") -> pd.DataFrame:
+    """One row per (variant, seed) of `table`: its test metrics, from `<out>/runs/*.json`."""
     rows = []
-    for variant in params.report.variants:
+    for variant in variants_of(params, table):
         for seed in params.report.seeds:
             path = out_dir / "runs" / f"{variant}-{seed}.json"
             if not path.exists():
@@ -321,18 +378,28 @@ def _header(first: str) -> list[str]:
     return [f"| {first} | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
 
 
-def markdown(runs: pd.DataFrame, table: pd.DataFrame, params: Params, manifest: dict) -> str:
+def markdown(
+    runs: pd.DataFrame, table: pd.DataFrame, params: Params, manifest: dict, kind: str = "ablation"
+) -> str:
     """The report for people: where the numbers come from, mean ± std, paired differences to the reference."""
     reference = params.model.name
     name = variant_label(params, reference)
     cell = table.set_index(["variant", "metric"])
     source = manifest.get("source")
-    lines = ["# Ablation and multi-seed report", ""]
+    lines = [f"# {TABLES[kind].title}", ""]
+    if kind == "models":
+        lines += [
+            "Every model of the registry trained by the one training loop on the same data, seeds and "
+            "budget, each with its own `model.<name>` section (its authors' MOSI hyper-parameters) and loss "
+            "weights, and the loop's optimiser settings (`train`), which are ours, not each paper's.",
+            "",
+        ]
     if source == "synthetic":
         lines += [
             "**These are results on synthetic data** (the generator of `mdkat.data.synthetic`, MOSI's "
-            "shapes and split sizes), not on CMU-MOSI or CMU-MOSEI: they show how the modules behave on a "
-            "problem with known structure, not the paper's numbers.",
+            "shapes and split sizes), not on CMU-MOSI or CMU-MOSEI: they show how the "
+            + ("models compare" if kind == "models" else "modules behave")
+            + " on a problem with known structure, not the papers' numbers.",
             "",
         ]
     budget = _budget(params)
@@ -371,7 +438,7 @@ def markdown(runs: pd.DataFrame, table: pd.DataFrame, params: Params, manifest: 
                 cells.append(f"{r['diff']:+.{digits}f}{mark} (p={r['p_value']:.3f}){' ▼' if worse else ''}")
             lines.append(f"| {variant_label(params, variant)} | " + " | ".join(cells) + " |")
         lines += ["", f"▼ marks a variant that is worse than {name} on average for that metric.", ""]
-        lines += [_reading(table, params), ""]
+        lines += [_reading(table, params, TABLES[kind].summary_file), ""]
     lines += _diagnostics_table(runs, params)
     return "\n".join(lines) + "\n"
 
@@ -416,7 +483,7 @@ def _diagnostics_table(runs: pd.DataFrame, params: Params) -> list[str]:
     return [*lines, ""]
 
 
-def _reading(table: pd.DataFrame, params: Params) -> str:
+def _reading(table: pd.DataFrame, params: Params, summary_file: str = "ablation.csv") -> str:
     """What the paired tests say, one line per variant, so that nobody reads noise as an ablation result."""
     alpha, name = params.report.alpha, variant_label(params, params.model.name)
     others = table[table.variant != params.model.name]
@@ -429,7 +496,7 @@ def _reading(table: pd.DataFrame, params: Params) -> str:
     lines = [
         f"What the paired tests say (p < {alpha}; with {n} comparisons about {alpha * n:.1f} are expected "
         "below it by chance, so a verdict on a module needs a difference that survives Holm's correction "
-        "for all of them, `p_holm` in `ablation.csv`):",
+        f"for all of them, `p_holm` in `{summary_file}`):",
         "",
     ]
     for variant, rows in others.groupby("variant", sort=False):
@@ -465,11 +532,17 @@ def _reading(table: pd.DataFrame, params: Params) -> str:
 
 
 def write_tables(
-    out_dir: Path, runs: pd.DataFrame, table: pd.DataFrame, params: Params, manifest: dict
+    out_dir: Path,
+    runs: pd.DataFrame,
+    table: pd.DataFrame,
+    params: Params,
+    manifest: dict,
+    kind: str = "ablation",
 ) -> None:
-    """Write runs.csv, ablation.csv and ablation.md atomically."""
-    for name, frame in (("runs.csv", runs), ("ablation.csv", table)):
+    """Write the runs, the summary and the page of table `kind` (`TABLES`) atomically."""
+    files = TABLES[kind]
+    for name, frame in ((files.runs_file, runs), (files.summary_file, table)):
         with atomic_open(out_dir / name) as f:
             f.write(frame.to_csv(index=False, lineterminator="\n").encode())
-    with atomic_open(out_dir / "ablation.md") as f:
-        f.write(markdown(runs, table, params, manifest).encode())
+    with atomic_open(out_dir / files.page) as f:
+        f.write(markdown(runs, table, params, manifest, kind).encode())

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
 from mdkat.checks import load_checked
 from mdkat.config import ConfigError, load_params, with_values
@@ -187,6 +189,53 @@ def test_report_writes_tables_and_resumes_only_what_is_missing(tiny, tmp_path, c
     assert "6 of 6 runs to train" in capsys.readouterr().err
 
 
+def test_the_models_table_shares_runs_with_the_ablation_table_and_tags_each_run_with_its_model(tiny, store):
+    params, data = tiny
+    params = with_values(params, {"report.models": ["mdkat", "tfn", "self_mm"], "report.variants": ["mdkat"]})
+    out = store_dir = Path(store.removeprefix("sqlite:///")).parent / "report"
+    report(params, data, out)  # the ablation table: mdkat x 2 seeds
+    trained = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    summary = report(params, data, out, table="models")
+    # mdkat's runs are the ablation table's: not trained again
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("mdkat-*.json")} == trained
+    runs = pd.read_csv(out / "models_runs.csv")
+    assert list(zip(runs.variant, runs.seed, strict=True)) == [
+        (v, s) for v in ("mdkat", "tfn", "self_mm") for s in (1, 2)
+    ]
+    assert (out / "runs.csv").exists() and pd.read_csv(out / "runs.csv").variant.unique().tolist() == [
+        "mdkat"
+    ]
+    assert set(summary.variant) == {"mdkat", "tfn", "self_mm"}
+    page = (out / "models.md").read_text()
+    assert page.startswith("# Model comparison") and REGISTRY["tfn"].LABEL in page and "models.csv" in page
+    assert "Ablation" not in page and "models compare" in page
+    # a baseline is no ablation: its verdict says nothing of a module
+    verdicts = [line for line in page.splitlines() if line.startswith(f"- {REGISTRY['tfn'].LABEL}: ")]
+    assert len(verdicts) == 1 and "the module" not in verdicts[0]
+    # one parent run per table; every child says which model it trained
+    client = MlflowClient(store)
+    children = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`report.table` = 'models'"
+    )
+    parents = {r.info.run_name: r for r in children if "mlflow.parentRunId" not in r.data.tags}
+    assert set(parents) == {"report models"}
+    kids = [
+        r for r in children if r.data.tags.get("mlflow.parentRunId") == parents["report models"].info.run_id
+    ]
+    assert sorted((r.data.tags["model"], r.data.tags["report.seed"]) for r in kids) == [
+        ("self_mm", "1"),
+        ("self_mm", "2"),
+        ("tfn", "1"),
+        ("tfn", "2"),
+    ]
+    assert store_dir.exists()
+
+
+def test_report_models_are_models_of_the_registry(root):
+    with pytest.raises(ConfigError, match=r"'report.models' expected items of .*, got 'no_cff'"):
+        load_checked(root / "params.yaml", ["report.models=[mdkat, no_cff]"], variants=True)
+
+
 def test_variants_are_the_chosen_models_ablations_or_other_models(root):
     def load(*overrides):
         return load_checked(root / "params.yaml", overrides, variants=True)
@@ -194,7 +243,9 @@ def test_variants_are_the_chosen_models_ablations_or_other_models(root):
     with pytest.raises(ConfigError, match=r"'report.variants' expected items of .*, got 'no_cfff'"):
         load("report.variants=[mdkat, no_cfff]")
     # late fusion has no ablations: MDKAT's are not its variants
-    with pytest.raises(ConfigError, match=r"expected items of \['mdkat', 'late_fusion'\], got 'no_cff'"):
+    with pytest.raises(
+        ConfigError, match=r"expected items of \['mdkat', 'late_fusion', 'tfn', .*\], got 'no_cff'"
+    ):
         load("model.name=late_fusion")
     # ... but the train stage's checks do not read the report's list
     load_checked(root / "params.yaml", ["model.name=late_fusion"])

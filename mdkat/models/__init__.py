@@ -192,15 +192,19 @@ def _require_weights(params: Params, model: str) -> None:
 
 
 def check_variants(params: Params) -> None:
-    """`report.variants` are models of the registry or ablations of the chosen model."""
+    """`report.variants` are models of the registry or ablations of the chosen model; `report.models`
+    are models of the registry."""
     check_params(params)
-    allowed = [*REGISTRY, *model_class(params).ABLATIONS]
-    for variant in params.report.variants:
-        if variant not in allowed:
-            raise params.error("report.variants", f"expected items of {allowed}, got {variant!r}")
-        if variant in REGISTRY:  # trained with its own section and weights
-            config_of(params, variant)
-            _require_weights(params, variant)
+    for key, allowed in (
+        ("report.variants", [*REGISTRY, *model_class(params).ABLATIONS]),
+        ("report.models", list(REGISTRY)),
+    ):
+        for variant in getattr(params.report, key.split(".")[1]):
+            if variant not in allowed:
+                raise params.error(key, f"expected items of {allowed}, got {variant!r}")
+            if variant in REGISTRY:  # trained with its own section and weights
+                config_of(params, variant)
+                _require_weights(params, variant)
 
 
 def _check_space(params: Params) -> None:
