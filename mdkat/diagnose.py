@@ -34,7 +34,7 @@ from mdkat.data.synthetic import SplitTruth, generate
 from mdkat.errors import MdkatError
 from mdkat.io import write_json
 from mdkat.models import ModelOutput
-from mdkat.training import eval_outputs, model_from_file, resolve_device
+from mdkat.training import check_inputs, eval_outputs, model_from_file, resolve_device
 
 PROBE_ALPHAS = np.logspace(-3, 3, 13)  # ridge penalties, chosen by leave-one-out on train
 
@@ -186,6 +186,7 @@ def diagnose_files(
     data = load_prepared(data_dir)
     truth = regenerate_truth(data, str(data_dir))
     model = model_from_file(model_file, resolve_device(params.train.device))
+    check_inputs(model, data.manifest, model_file, data_dir)
     result = diagnose(model, data, truth, params.train.eval_batch_size)
     if out is not None:
         write_json(out, result)

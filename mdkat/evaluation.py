@@ -21,7 +21,7 @@ from mdkat.config import Params
 from mdkat.data import Prepared, load_prepared
 from mdkat.io import atomic_open, write_json
 from mdkat.metrics import regression_metrics
-from mdkat.training import model_from_file, predict, resolve_device
+from mdkat.training import check_inputs, model_from_file, predict, resolve_device
 
 PREDICTIONS = "predictions.csv"
 CONFUSION = "confusion.png"
@@ -93,6 +93,7 @@ def evaluate(
     """Predict the test split with `model_file`; write the metrics file, predictions and figures."""
     data = load_prepared(data_dir, splits=("test",))
     model = model_from_file(model_file, resolve_device(params.train.device))
+    check_inputs(model, data.manifest, model_file, data_dir)
     pred, report = evaluate_model(model, data, params.train.eval_batch_size)
     label = data.test.label.numpy().astype(np.float64)
     write_json(metrics_file, report)

@@ -141,6 +141,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise MdkatError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
+def check_inputs(
+    model: nn.Module, manifest: dict[str, Any], model_file: str | Path, data_dir: str | Path
+) -> None:
+    """A model file and prepared data agree on feature sizes and alignment, or an error says how not."""
+    spec = model.spec
+    dims = dict(manifest["dims"])
+    expected = dict(spec["dims"])
+    if "bert" in spec:  # BERT makes the text features: the file's text size is BERT's, not the data's
+        dims.pop("text")
+        expected.pop("text")
+        if "text_tokens" not in manifest:
+            raise MdkatError(f"{model_file} reads text through BERT, but {data_dir} has no word pieces")
+    if dims != expected:
+        raise MdkatError(
+            f"{model_file} was trained on features of sizes {expected} ({spec['model_name']}), "
+            f"but {data_dir} has {dims}: evaluate it on data prepared like its training data"
+        )
+    if bool(manifest["aligned"]) != spec["aligned"]:
+        raise MdkatError(
+            f"{model_file} was trained on {'aligned' if spec['aligned'] else 'unaligned'} data, "
+            f"but {data_dir} is {'aligned' if manifest['aligned'] else 'unaligned'}"
+        )
+
+
 def model_from_file(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild a model from a `model.pt` written by `fit` (its own config and input dims travel with it)."""
     payload = load_checkpoint(path)

@@ -237,9 +237,20 @@ def test_intervals_not_n_by_2(tmp_path: Path, intervals) -> None:
     assert "(n, 2)" in _raises(path, "'vid7'", "'intervals'")
 
 
-def test_interval_starting_after_its_end(tmp_path: Path) -> None:
-    path = _h5(tmp_path / "back.csd", lambda f: _video(f, [[0, 1], [1, 2], [3, 2.5]], np.zeros((3, 2))))
-    assert "row 2" in _raises(path, "'vid7'", "'intervals'", "starts after it ends")
+@pytest.mark.parametrize(
+    ("last", "why"),
+    [
+        ([3, 2.5], "starts after it ends"),
+        ([-1.0, 2.5], "is negative"),
+        ([np.nan, 2.5], "is not finite"),
+        ([2.0, np.inf], "is not finite"),
+    ],
+    ids=["reversed", "negative", "nan", "inf"],
+)
+def test_an_interval_that_is_no_time_span_is_refused(tmp_path: Path, last, why) -> None:
+    path = _h5(tmp_path / "back.csd", lambda f: _video(f, [[0, 1], [1, 2], last], np.zeros((3, 2))))
+    message = _raises(path, "'vid7'", "'intervals'", why)
+    assert "row 2" in message and "1 invalid rows" in message
 
 
 def test_row_count_mismatch(tmp_path: Path) -> None:

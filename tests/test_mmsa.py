@@ -289,6 +289,14 @@ def _text_bert_without_mask_row(d):
     d["train"]["text_bert"] = d["train"]["text_bert"][:, :2]
 
 
+def _labels_off_the_scale(d):
+    d["test"]["regression_labels"][[1, 2]] = [4.2, -3.01]
+
+
+def _nan_label(d):
+    d["valid"]["regression_labels"][0] = np.nan
+
+
 def _lengths_only_in_train(d):
     del d["valid"]["vision_lengths"]
 
@@ -306,6 +314,8 @@ def _lengths_only_in_train(d):
         (_other_audio_steps_in_valid, ["'valid'", "'audio'", "(5, 3)"]),
         (_text_bert_without_mask_row, ["'train'", "'text_bert'", "(7, 2, 6)"]),
         (_lengths_only_in_train, ["'valid'", "'vision'", "vision_lengths"]),
+        (_labels_off_the_scale, ["'test'", "'regression_labels'", "2 labels outside [-3, 3]", "4.2"]),
+        (_nan_label, ["'valid'", "'regression_labels'", "non-finite", "1 such samples"]),
     ],
 )
 def test_malformed_files_are_data_errors_naming_split_and_key(corrupt, expected):

@@ -122,6 +122,10 @@ def test_nonfinite_values_are_zeroed_and_counted(tmp_path):
             lambda s: s["train"]["label"].__setitem__(2, np.nan),
             "non-finite label for id 'synthetic_train_00002'",
         ),
+        (
+            lambda s: s["valid"]["label"].__setitem__([3, 5], [3.5, -4.0]),
+            r"split 'valid' key 'label': 2 labels outside \[-3, 3\].* 3.5 for id 'synthetic_valid_00003'",
+        ),
     ],
 )
 def test_invalid_splits_leave_no_output(tmp_path, mutate, message):

@@ -13,6 +13,7 @@ import yaml
 from mdkat.checks import load_checked
 from mdkat.config import ConfigError, load_params
 from mdkat.data import load_prepared
+from mdkat.errors import MdkatError
 from mdkat.evaluation import evaluate, seven_class
 from mdkat.metrics import is_better
 from mdkat.training import _update_average, fit, load_checkpoint, model_from_file, predict
@@ -222,3 +223,23 @@ def test_every_baseline_trains_resumes_exactly_and_reloads_from_its_file(name, t
         predict(reloaded, data.valid, 5), predict(whole.model, data.valid, 16), atol=1e-5
     )
     assert whole.best_valid["mae"] == min(row["valid_mae"] for row in whole.history)
+
+
+def test_a_model_given_data_of_other_feature_sizes_or_alignment_is_refused_by_name(tiny, tmp_path):
+    params, data_dir = tiny
+    _fit(tiny_params("train.epochs=1"), data_dir, tmp_path / "model")
+    for name, override in (
+        ("dims", "data.synthetic.dims.audio=7"),
+        ("aligned", "data.synthetic.aligned=false"),
+    ):
+        other = prepared(tiny_params(override), tmp_path / name)
+        with pytest.raises(MdkatError) as raised:
+            evaluate(params, other, tmp_path / "model" / "model.pt", tmp_path / "m.json", tmp_path / "plots")
+        message = str(raised.value)
+        assert str(tmp_path / "model" / "model.pt") in message and str(other) in message
+        assert (
+            ("'audio': 5" in message and "'audio': 7" in message)
+            if name == "dims"
+            else "unaligned" in message
+        )
+        assert not (tmp_path / "m.json").exists()

@@ -26,7 +26,7 @@ from mdkat import MODALITIES
 from mdkat.config import DataConfig
 from mdkat.data.align import align, video_of
 from mdkat.data.csd import read_csd
-from mdkat.data.prepared import SPLITS, DataError, SplitArrays
+from mdkat.data.prepared import SPLITS, DataError, SplitArrays, check_labels
 from mdkat.io import sha256_file
 
 # relative to data.base_url (http://immortal.multicomp.cs.cmu.edu/)
@@ -143,6 +143,7 @@ def load_cmu_sdk(cfg: DataConfig) -> tuple[dict[str, SplitArrays], dict[str, Any
         # the sentiment score is the first label column (MOSEI adds six emotions after it)
         arrays["label"] = np.array([segments["labels"][k][1][0, 0] for k in keys[split]], dtype=np.float32)
         arrays["id"] = np.array(keys[split])
+        check_labels(arrays["label"], arrays["id"], split, str(files["labels"]["path"]), "sentiment")
         splits[split] = arrays
 
     info = {

@@ -83,13 +83,31 @@ def _check_shapes(path: Path, video: str, intervals: tuple[int, ...], features: 
         raise DataError(f"{where}: dataset 'features' has {features[0]} rows, 'intervals' has {intervals[0]}")
 
 
+def _invalid(intervals: np.ndarray) -> np.ndarray:
+    """(n,) rows that are not a time span: NaN or infinite, negative, or starting after they end."""
+    with np.errstate(invalid="ignore"):
+        return (
+            ~np.isfinite(intervals).all(axis=1)
+            | (intervals < 0).any(axis=1)
+            | (intervals[:, 0] > intervals[:, 1])
+        )
+
+
 def _check_order(path: Path, video: str, intervals: np.ndarray) -> None:
-    backwards = intervals[:, 0] > intervals[:, 1]  # (n,)
-    if backwards.any():
-        row = int(np.flatnonzero(backwards)[0])
+    bad = _invalid(intervals)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        start, end = intervals[row].tolist()
+        why = (
+            "is not finite"
+            if not np.isfinite(intervals[row]).all()
+            else "is negative"
+            if min(start, end) < 0
+            else "starts after it ends"
+        )
         raise DataError(
-            f"{path}: video '{video}': dataset 'intervals' row {row} starts after it ends: "
-            f"{intervals[row].tolist()} ({int(backwards.sum())} such rows)"
+            f"{path}: video '{video}': dataset 'intervals' row {row} {why}: [{start}, {end}] "
+            f"({int(bad.sum())} invalid rows in this video; expected 0 <= start <= end, in seconds)"
         )
 
 
@@ -180,7 +198,7 @@ def read_csd(path: str | Path) -> Sequence:
             for i, a, b in zip(which, rows[:-1], rows[1:], strict=True):
                 _read(raw, data, videos[i], "intervals", found[i][0], block[a:b])
             block = block.astype(np.float64, copy=False)
-            backwards = np.flatnonzero(block[:, 0] > block[:, 1])
+            backwards = np.flatnonzero(_invalid(block))
             if len(backwards):
                 k = int(np.searchsorted(rows, backwards[0], side="right")) - 1
                 _check_order(path, videos[which[k]], block[rows[k] : rows[k + 1]])

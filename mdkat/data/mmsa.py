@@ -34,7 +34,7 @@ from numpy._core.numeric import _frombuffer
 
 from mdkat import MODALITIES
 from mdkat.config import DataConfig
-from mdkat.data.prepared import SPLITS, DataError, SplitArrays
+from mdkat.data.prepared import SPLITS, DataError, SplitArrays, check_labels
 from mdkat.io import sha256_file
 
 LABEL_KEY = "regression_labels"
@@ -244,6 +244,7 @@ def _split_arrays(raw: Any, split: str, where: str) -> tuple[SplitArrays, dict[s
     else:
         arrays["id"] = np.array([f"{split}_{i}" for i in range(n)])
         facts["ids_generated"] = True
+    check_labels(arrays["label"], arrays["id"], split, where, LABEL_KEY)
     return arrays, facts
 
 

@@ -23,6 +23,7 @@ from mdkat.errors import MdkatError
 from mdkat.io import atomic_dir, atomic_open, sha256_file, write_json
 
 SPLITS = ("train", "valid", "test")
+LABEL_BOUND = 3.0  # CMU-MOSI/MOSEI sentiment: the mean of annotators' scores in [-3, 3]
 LENGTH_KEYS = tuple(f"{m}_len" for m in MODALITIES)
 FIELDS = (*MODALITIES, *LENGTH_KEYS, "label", "id")
 TOKEN_FIELDS = ("text_ids", "text_mask", "text_segment")  # all three or none
@@ -45,6 +46,25 @@ def sanitize(arrays: SplitArrays) -> dict[str, int]:
         if counts[m]:
             x[bad] = 0.0
     return counts
+
+
+def check_labels(label: np.ndarray, ids: np.ndarray, split: str, where: str, key: str = "label") -> None:
+    """Labels are finite and on the sentiment scale; an error names the file, split, key, a sample and
+    the count."""
+    if not np.isfinite(label).all():
+        bad = np.flatnonzero(~np.isfinite(label))
+        raise DataError(
+            f"{where}: split '{split}' key '{key}': non-finite label for id '{ids[bad[0]]}' "
+            f"({len(bad)} such samples)"
+        )
+    outside = np.flatnonzero(np.abs(label) > LABEL_BOUND)
+    if len(outside):
+        first = int(outside[0])
+        raise DataError(
+            f"{where}: split '{split}' key '{key}': {len(outside)} labels outside [-{LABEL_BOUND:g}, "
+            f"{LABEL_BOUND:g}], the sentiment scale, e.g. {float(label[first]):g} "
+            f"for id '{ids[first]}'"
+        )
 
 
 def validate_split(arrays: SplitArrays, split: str, where: str) -> None:
@@ -84,11 +104,7 @@ def validate_split(arrays: SplitArrays, split: str, where: str) -> None:
         raise DataError(
             f"{where}: split '{split}' key 'label': expected float32 of shape ({n},), got {label.shape}"
         )
-    if not np.isfinite(label).all():
-        bad = int(np.flatnonzero(~np.isfinite(label))[0])
-        raise DataError(
-            f"{where}: split '{split}' key 'label': non-finite label for id '{arrays['id'][bad]}'"
-        )
+    check_labels(label, arrays["id"], split, where)
     if arrays["id"].dtype.kind != "U":
         raise DataError(f"{where}: split '{split}' key 'id': expected strings, got {arrays['id'].dtype}")
     _validate_tokens(arrays, split, where, n)
