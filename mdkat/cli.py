@@ -126,7 +126,18 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared data directory")
     p.add_argument("--out", required=True, help="output directory (model.pt, history.csv, ...)")
     p.add_argument("--best", help="YAML of tuned values (written by the tune stage); -S still wins")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_const",
+        const=True,
+        default=None,
+        help="continue the interrupted run; an error if its checkpoint is of another configuration "
+        "(default: continue it when it is of this configuration, else start afresh)",
+    )
+    resume.add_argument(
+        "--fresh", dest="resume", action="store_const", const=False, help="start afresh, whatever is there"
+    )
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:

@@ -20,9 +20,7 @@ step-down correction over every comparison of the table) and the page for people
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import hashlib
 import json
 import math
 import multiprocessing
@@ -36,12 +34,13 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from mdkat.config import Params, chosen_flat_dict, with_values
+from mdkat.config import Params, with_values
 from mdkat.data import load_prepared
 from mdkat.data.synthetic import SplitTruth
 from mdkat.diagnose import diagnose, flat_diagnostics, regenerate_truth
 from mdkat.errors import MdkatError
 from mdkat.evaluation import evaluate_model
+from mdkat.fingerprint import code_digest, fingerprint
 from mdkat.io import atomic_open, write_json
 from mdkat.metrics import METRICS
 from mdkat.models import model_class, variant_label, variant_values
@@ -81,49 +80,6 @@ def variants_of(params: Params, table: str) -> tuple[str, ...]:
     return getattr(params.report, TABLES[table].variants_key)
 
 
-# what a run's result depends on; tune/mlflow/report/ci settings do not change a trained model
-_RUN_SECTIONS = ("data", "model", "loss", "train")
-# the code that shapes a run and its numbers (relative to the package): a committed run never outlives it
-_RUN_CODE = (
-    "models",
-    "training.py",
-    "data/batch.py",
-    "data/synthetic.py",
-    "metrics.py",
-    "evaluation.py",
-    "diagnose.py",
-)
-
-
-def code_digest() -> str:
-    """SHA-256 over the code of the files that shape a report run (`_RUN_CODE`), in a fixed order.
-
-    The code, not the text: each file's syntax tree without its docstrings, so that a comment or a
-    docstring edited does not throw an hour of results away, and any change of what runs does.
-    """
-    package = Path(__file__).parent
-    files = sorted(
-        f
-        for entry in _RUN_CODE
-        for f in ([package / entry] if entry.endswith(".py") else (package / entry).rglob("*.py"))
-    )
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.relative_to(package).as_posix().encode() + b"\0" + _code(f.read_text()) + b"\0")
-    return digest.hexdigest()
-
-
-def _code(source: str) -> bytes:
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
-            value = body[0].value
-            if isinstance(value, ast.Constant) and isinstance(value.value, str):
-                node.body = body[1:] or [ast.Pass()]  # the docstring, not the code
-    return ast.dump(tree, annotate_fields=False).encode()
-
-
 def run_params(params: Params, variant: str, seed: int) -> Params:
     """The parameters of one report run: the variant's values, the seed and the report's budget."""
     values: dict[str, Any] = {**variant_values(params, variant), "train.seed": seed}
@@ -133,15 +89,6 @@ def run_params(params: Params, variant: str, seed: int) -> Params:
     if budget.patience is not None:
         values["train.patience"] = budget.patience
     return with_values(params, values, f"report variant {variant!r}, seed {seed}")
-
-
-def fingerprint(params: Params, manifest_sha256: str, code: str | None = None) -> str:
-    """A hash of what a run's result depends on: its parameters, the data and the code (`code_digest`)."""
-    relevant = {k: v for k, v in chosen_flat_dict(params).items() if k.split(".", 1)[0] in _RUN_SECTIONS}
-    relevant.pop("train.device", None)  # a GPU run answers the same question
-    content = {"params": relevant, "data": manifest_sha256, "code": code or code_digest()}
-    text = json.dumps(content, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _parent_tracker(params: Params, out_dir: Path, tags: dict[str, str], table: str) -> Tracker:

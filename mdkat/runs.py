@@ -10,6 +10,8 @@ metrics, predictions and figures into the same run, and on synthetic data the di
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,33 @@ from mdkat.config import Params, chosen_flat_dict, read_best
 from mdkat.data import load_prepared
 from mdkat.diagnose import diagnose_files, flat_diagnostics
 from mdkat.evaluation import evaluate
+from mdkat.fingerprint import fingerprint, identity
 from mdkat.io import atomic_open, write_json
 from mdkat.plots import learning_curves
 from mdkat.redact import redact
 from mdkat.tracking import Tracker, flat_params, run_tags
-from mdkat.training import fit
+from mdkat.training import CHECKPOINT, ensure_same_run, fit, load_checkpoint
 
 RUN_RECORD = "mlflow_run.json"
+WORK_PREFIX = ".checkpoint-"  # + the run's fingerprint: a training in progress, next to its outputs
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
+
+
+def _abandon(work: Path) -> None:
+    """Remove an unfinished run's folder, ending its MLflow run KILLED if it was left open."""
+    record = work / RUN_RECORD
+    if record.exists():
+        try:
+            tracker = Tracker.attach(record)
+            if tracker.client.get_run(tracker.run_id).info.status == "RUNNING":
+                tracker.finish("KILLED")
+        except Exception as e:  # another store, or a run deleted meanwhile: the folder goes all the same
+            print(f"could not end the MLflow run of {work}: {e}", file=sys.stderr)
+    print(f"removing {work}: a checkpoint of another configuration", file=sys.stderr)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _resolved_yaml(params: Params) -> str:
@@ -45,15 +67,34 @@ def train_run(
     out_dir: str | Path,
     *,
     best: str | Path | None = None,
-    resume: bool = False,
+    resume: bool | None = None,
 ) -> dict[str, Any]:
-    """Train with tracking; write model.pt, history.csv, valid_metrics.json and mlflow_run.json."""
+    """Train with tracking; write model.pt, history.csv, valid_metrics.json and mlflow_run.json.
+
+    The checkpoint and the run record live in `<out>/.checkpoint-<fingerprint>/` while training, outside
+    the stage's outputs (DVC deletes those before it re-runs a stage) and removed on success. `resume`
+    None (the stage under `dvc repro`): continue from the checkpoint of this very configuration if a crash
+    left one, else start afresh. True (`--resume`): the same, but a checkpoint of another configuration
+    is an error listing what differs. False: start afresh. Checkpoints of other configurations are
+    removed and their MLflow runs ended KILLED.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_prepared(data_dir, splits=("train", "valid"))
-    record = out_dir / RUN_RECORD
-    if resume and record.exists():
-        tracker = Tracker.attach(record)
+    work = out_dir / f"{WORK_PREFIX}{fingerprint(params, data.manifest_sha256)}"
+    others = sorted(d for d in out_dir.glob(f"{WORK_PREFIX}*") if d != work)
+    if resume and others and not (work / CHECKPOINT).exists():
+        latest = max((d / CHECKPOINT for d in others if (d / CHECKPOINT).exists()), key=_mtime, default=None)
+        if latest is not None:
+            ensure_same_run(latest, load_checkpoint(latest), identity(params, data.manifest_sha256))
+    for stale in others:
+        _abandon(stale)
+    if resume is False and work.exists():
+        _abandon(work)
+    continuing = (work / CHECKPOINT).exists() and (work / RUN_RECORD).exists()
+    if continuing:
+        print(f"continuing the interrupted run in {work}", file=sys.stderr)
+        tracker = Tracker.attach(work / RUN_RECORD)
         tracker.reopen()
     else:
         tags = run_tags(data.manifest, data.manifest_sha256)
@@ -67,13 +108,15 @@ def train_run(
                 }
             )
         tracker = Tracker.start(params.mlflow.experiment, params.model.name, flat_params(params), tags)
-        write_json(record, tracker.record())
+        work.mkdir(parents=True, exist_ok=True)
+        write_json(work / RUN_RECORD, tracker.record())
+    write_json(out_dir / RUN_RECORD, tracker.record())
 
     def log_epoch(epoch: int, row: dict[str, float]) -> None:
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
     with tracker.ending():
-        result = fit(params, data, out_dir, resume=resume, on_epoch=log_epoch)
+        result = fit(params, data, out_dir, resume=continuing, on_epoch=log_epoch, checkpoint_dir=work)
         valid = {**result.best_valid, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
         write_json(out_dir / "valid_metrics.json", valid)
         learning_curves(result.history, out_dir / "learning_curves.png", params.train.select_on)
@@ -101,6 +144,7 @@ def train_run(
         from mdkat.serving import log_model
 
         log_model(tracker.uri, tracker.run_id, out_dir / "model.pt")
+    shutil.rmtree(work)  # done: nothing to resume
     return {
         "run_id": tracker.run_id,
         "best_epoch": result.best_epoch,

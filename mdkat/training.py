@@ -38,6 +38,7 @@ from tqdm import tqdm
 from mdkat.config import Params
 from mdkat.data import Batch, Prepared
 from mdkat.errors import MdkatError
+from mdkat.fingerprint import differences, identity
 from mdkat.io import atomic_open
 from mdkat.metrics import is_better, regression_metrics
 from mdkat.models import ModelOutput, build, rebuild
@@ -141,6 +142,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise MdkatError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
+def ensure_same_run(path: str | Path, saved: dict[str, Any], this_run: dict[str, Any]) -> None:
+    """A checkpoint `saved` (read from `path`) continues only the run of identity `this_run`."""
+    changed = (
+        differences(saved["identity"], this_run)
+        if "identity" in saved
+        else ["the checkpoint records no identity (written by an older version of the pipeline)"]
+    )
+    if changed:
+        raise MdkatError(
+            f"{path}: cannot resume a run of another configuration; what differs:\n  "
+            + "\n  ".join(changed)
+            + "\nRun without --resume to train afresh with the new values."
+        )
+
+
 def check_inputs(
     model: nn.Module, manifest: dict[str, Any], model_file: str | Path, data_dir: str | Path
 ) -> None:
@@ -184,12 +200,17 @@ def fit(
     resume: bool = False,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
 ) -> FitResult:
     """Train `params.model` on `data.train`, select on `data.valid`; write `model.pt` and `history.csv`.
 
     `on_epoch(epoch, row)` is called after every epoch with that epoch's history row (`lr`, `train_<term>`,
     `valid_loss`, `valid_<metric>`, `seconds`), after the epoch's checkpoint is saved: a tracker logs
     it, a tuner may raise from it to prune (the checkpoint then resumes after that epoch).
+
+    The checkpoint (in `checkpoint_dir`, default `out_dir`) records the run's identity (parameters, data,
+    code: `mdkat.fingerprint`); `resume=True` continues it only when this run's identity is the same, and
+    otherwise stops with the list of what differs.
     """
     cfg = params.train
     out_dir = Path(out_dir)
@@ -217,9 +238,12 @@ def fit(
     train, valid = data.train.to(device), data.valid.to(device)
 
     state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": [], "best_model": None}
-    checkpoint_path = out_dir / CHECKPOINT
+    checkpoint_path = Path(checkpoint_dir or out_dir) / CHECKPOINT
+    checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+    this_run = identity(params, data.manifest_sha256)
     if resume and checkpoint_path.exists():
         saved = load_checkpoint(checkpoint_path)
+        ensure_same_run(checkpoint_path, saved, this_run)
         model.load_state_dict(saved["model"])
         if averaged is not model:
             averaged.load_state_dict(saved["averaged"])
@@ -299,6 +323,7 @@ def fit(
                 "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(generator),
                 "state": state,
+                "identity": this_run,
             },
         )
         if on_epoch is not None:

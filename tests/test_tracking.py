@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 
 import mdkat.runs
 from mdkat import MODALITIES
-from mdkat.config import Params, chosen_flat_dict
+from mdkat.config import Params, chosen_flat_dict, with_values
 from mdkat.data import load_prepared
 from mdkat.data.prepare import prepare
 from mdkat.errors import MdkatError
@@ -283,6 +283,69 @@ def test_resume_continues_the_same_run_and_logs_each_epoch_once(tiny, store, tmp
         np.testing.assert_array_equal([v for _, v in logged], [row[key] for row in history], err_msg=key)
     assert run.data.metrics["best_valid_mae"] == min(row["valid_mae"] for row in history)
     assert len(run.outputs.model_outputs) == 1
+
+
+def test_the_stage_continues_a_crashed_run_of_its_own_configuration_only(tiny, store, tmp_path, monkeypatch):
+    # what `dvc repro` does after a crash: the stage runs again without --resume; DVC has deleted its
+    # outputs, the checkpoint next to them is still there
+    params, data_dir = tiny
+    client = MlflowClient(store)
+    whole = train_run(params, data_dir, tmp_path / "whole")
+    assert not list((tmp_path / "whole").glob(".checkpoint-*")), "a finished run leaves no checkpoint"
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(
+        mdkat.runs, "fit", lambda *a, on_epoch, **k: fit(*a, on_epoch=stop_after(2, then=on_epoch), **k)
+    )
+    with pytest.raises(Stop):
+        train_run(params, data_dir, out)
+    crashed = _recorded_run_id(out)
+    (work,) = out.glob(".checkpoint-*")
+    for name in ("history.csv", RUN_RECORD):  # what DVC removes before it runs the stage again
+        (out / name).unlink(missing_ok=True)
+    monkeypatch.setattr(mdkat.runs, "fit", fit)
+    again = train_run(params, data_dir, out)
+    assert again["run_id"] == crashed and client.get_run(crashed).info.status == "FINISHED"
+    assert again["valid"] == whole["valid"] and again["best_epoch"] == whole["best_epoch"]
+    assert (
+        _history(out / "history.csv")[-1]["valid_mae"]
+        == _history(tmp_path / "whole" / "history.csv")[-1]["valid_mae"]
+    )
+    assert not work.exists()
+
+    # a crash, then other values: the stage starts afresh, ends the dead run KILLED and removes its folder
+    monkeypatch.setattr(
+        mdkat.runs, "fit", lambda *a, on_epoch, **k: fit(*a, on_epoch=stop_after(1, then=on_epoch), **k)
+    )
+    with pytest.raises(Stop):
+        train_run(params, data_dir, out)
+    dead = _recorded_run_id(out)
+    client.update_run(dead, status="RUNNING")  # as a process killed with SIGKILL leaves it
+    monkeypatch.setattr(mdkat.runs, "fit", fit)
+    changed = with_values(params, {"train.lr": params.train.lr / 2})
+    # ... but an explicit --resume refuses, and says what differs
+    with pytest.raises(MdkatError) as raised:
+        train_run(changed, data_dir, out, resume=True)
+    assert f"train.lr: {params.train.lr!r} -> {params.train.lr / 2!r}" in str(raised.value)
+    fresh = train_run(changed, data_dir, out)
+    assert fresh["run_id"] != dead and client.get_run(dead).info.status == "KILLED"
+    assert not list(out.glob(".checkpoint-*"))
+
+
+def test_resume_with_changed_values_is_an_error_listing_each_difference(tiny, tmp_path):
+    params, data_dir = tiny
+    data = load_prepared(data_dir, splits=("train", "valid"))
+    with pytest.raises(Stop):
+        fit(params, data, tmp_path, on_epoch=stop_after(1), progress=False)
+    changed = with_values(params, {"train.lr": 0.01, "train.batch_size": params.train.batch_size + 1})
+    with pytest.raises(MdkatError) as raised:
+        fit(changed, data, tmp_path, resume=True, progress=False)
+    message = str(raised.value)
+    assert "train.lr: " in message and "-> 0.01" in message
+    assert f"train.batch_size: {params.train.batch_size} -> {params.train.batch_size + 1}" in message
+    assert "train.epochs" not in message and str(tmp_path / "checkpoint.pt") in message
+    # where it runs is not what it is: another device resumes
+    fit(with_values(params, {"train.device": "cpu"}), data, tmp_path, resume=True, progress=False)
 
 
 @pytest.mark.parametrize(("error", "status"), [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
