@@ -41,6 +41,64 @@ def _default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def _prefix(path: Path, label: str = "") -> str:
+    """`.<name>.[<label>.]<pid>.`: temporary siblings of `path` say whose they are."""
+    return f".{path.name}.{label + '.' if label else ''}{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale(path: str | Path) -> list[Path]:
+    """Remove the temporary siblings of `path` (`.<name>.*.tmp`, `.old`) left by processes that died.
+
+    A process killed with SIGKILL never runs its cleanup; the next one that writes `path` does it. Those of
+    a process still running stay (it may be another worker writing next to us).
+    """
+    path = Path(path)
+    removed = []
+    for entry in path.parent.glob(f".{glob_escape(path.name)}.*"):
+        if entry.suffix not in (".tmp", ".old"):
+            continue
+        # `<pid>.<random>` or `<label>.<pid>.<random>`; labels are never all digits, random parts may be
+        fields = entry.name[len(path.name) + 2 :].split(".")
+        owner = next((int(f) for f in fields[:2] if f.isdigit()), None)
+        if owner is not None and _alive(owner):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob's special characters taken literally."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+@contextlib.contextmanager
+def scratch_dir(destination: str | Path, label: str) -> Iterator[Path]:
+    """A working folder next to `destination`, named after it and `label`, removed when the block ends
+    (and by the next run, if this process is killed)."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(destination)
+    tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=_prefix(destination, label), suffix=".tmp"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """SHA-256 hex digest of a file, read in chunks."""
     h = hashlib.sha256()
@@ -55,7 +113,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path next to `path` to write to (by name); renamed over `path` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -102,13 +161,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_stale(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp"))
     try:
         yield tmp
         os.chmod(tmp, _default_mode(directory=True))
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".old"))
             os.replace(path, old / "content")
         os.replace(tmp, path)
         if old is not None:

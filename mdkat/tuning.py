@@ -34,7 +34,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ import yaml
 from mdkat.config import Params, chosen_flat_dict, with_values
 from mdkat.data import load_prepared
 from mdkat.errors import MdkatError
-from mdkat.io import atomic_open
+from mdkat.io import atomic_open, scratch_dir
 from mdkat.metrics import BY_NAME
 from mdkat.models import search_space
 from mdkat.redact import redact
@@ -162,6 +161,7 @@ class WorkerPlan:
     parent_run: str | None
     threads: int
     deadline: float | None  # time.time() after which no new trial starts
+    out: str  # best.yaml: each trial trains in a scratch folder next to it
 
 
 def _pruner(params: Params):
@@ -228,7 +228,7 @@ def _objective(plan: WorkerPlan, data, lock: TrialStartLock, study):
         ending = tracker.ending(killed=(optuna.TrialPruned,)) if tracker else contextlib.nullcontext()
         with ending:
             try:
-                with tempfile.TemporaryDirectory(prefix=f"trial{trial.number}-") as tmp:
+                with scratch_dir(Path(plan.out), f"trial{trial.number}") as tmp:
                     fit(trial_params, data, tmp, on_epoch=report, progress=False)
                 finite = [v for v in seen if not math.isnan(v)]
                 if not finite:
@@ -353,6 +353,7 @@ def tune(
                 parent_run=parent.run_id if parent else None,
                 threads=threads,
                 deadline=deadline,
+                out=str(out),
             )
             for w in range(workers)
         ]

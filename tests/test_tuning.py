@@ -228,7 +228,17 @@ def test_racing_workers_never_count_more_than_n_trials(data_dir, tmp_path, monke
     if not locked:
         monkeypatch.setattr(mdkat.tuning, "lock_path", lambda storage, name: None)
     plans = [
-        WorkerPlan(params, str(data_dir), name, w, seed=w, parent_run=None, threads=1, deadline=None)
+        WorkerPlan(
+            params,
+            str(data_dir),
+            name,
+            w,
+            seed=w,
+            parent_run=None,
+            threads=1,
+            deadline=None,
+            out=str(tmp_path / "best.yaml"),
+        )
         for w in (0, 1)
     ]
     # threads stand in for worker processes: flock treats each open() of the lock file on its own
