@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import threading
 import urllib.parse
@@ -27,6 +28,7 @@ class FileServer:
         drop_after: dict[str, int] | None = None,
         fail_first: dict[str, int] | None = None,
         ignore_range: bool = False,
+        basic_auth: tuple[str, str] | None = None,
     ) -> None:
         # Kept by reference: a test may change the served content between requests.
         self.files = files
@@ -37,6 +39,8 @@ class FileServer:
         # path -> answer this many first requests of that path with 503.
         self.fail_first = dict(fail_first or {})
         self.ignore_range = ignore_range
+        # (user, password): requests without that HTTP Basic header get 401
+        self.basic_auth = basic_auth
         self._lock = threading.Lock()
         self._seen: dict[str, int] = {}
         self._dropped: set[str] = set()
@@ -64,13 +68,16 @@ class FileServer:
             self._thread.join(timeout=5)
 
     def _reply(
-        self, path: str, range_header: str | None, with_body: bool
+        self, path: str, range_header: str | None, with_body: bool, authorization: str | None = None
     ) -> tuple[int, dict[str, str], bytes, int | None]:
         """(status, headers, body, bytes to send before dropping or None) for one request, and log it."""
         with self._lock:
             count = self._seen[path] = self._seen.get(path, 0) + 1
             content = self.files.get(path)
-            status, headers, body = self._answer(path, count, content, range_header)
+            if self.basic_auth is not None and authorization != _basic(*self.basic_auth):
+                status, headers, body = 401, {"WWW-Authenticate": 'Basic realm="test"'}, b"who are you\n"
+            else:
+                status, headers, body = self._answer(path, count, content, range_header)
             cut = None
             if with_body and body and path in self.drop_after and path not in self._dropped:
                 self._dropped.add(path)
@@ -95,6 +102,10 @@ class FileServer:
         return 206, {"Content-Range": f"bytes {start}-{size - 1}/{size}"}, content[start:]
 
 
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -113,7 +124,9 @@ def _handler_for(owner: FileServer) -> type[BaseHTTPRequestHandler]:
 
         def _respond(self, send_body: bool) -> None:
             path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path.lstrip("/"))
-            status, headers, body, cut = owner._reply(path, self.headers.get("Range"), send_body)
+            status, headers, body, cut = owner._reply(
+                path, self.headers.get("Range"), send_body, self.headers.get("Authorization")
+            )
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)

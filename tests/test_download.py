@@ -6,6 +6,7 @@ import hashlib
 import random
 import socket
 import time
+import urllib.parse
 from types import SimpleNamespace
 
 import pytest
@@ -235,3 +236,18 @@ def test_progress_goes_to_stderr_only_and_can_be_turned_off(tmp_path, capsys):
         quiet = capsys.readouterr()
     assert loud.out == "" and "f.bin" in loud.err and "100%" in loud.err
     assert quiet.out == "" and quiet.err == ""
+
+
+def test_credentials_in_the_url_are_sent_as_http_basic_and_never_printed(tmp_path):
+    user, password = "reader", "s3cr:t/p@ss"  # reserved characters, percent-encoded in the URL
+    content = payload(2_000, seed=11)
+    quoted = urllib.parse.quote(password, safe="")
+    with FileServer({"data.pkl": content}, basic_auth=(user, password)) as server:
+        url = server.url.replace("http://", f"http://{user}:{quoted}@") + "data.pkl"
+        got = download(url, tmp_path, sha256=digest(content), **FAST)
+        assert got.path.read_bytes() == content
+        with pytest.raises(DownloadError) as failure:  # a wrong password: 401 is not retried
+            download(url.replace(quoted, "wrong") + ".x", tmp_path, retries=2, **FAST)
+    message = str(failure.value)
+    assert "401" in message and "wrong" not in message and f"{user}:***@" in message
+    assert [r["status"] for r in server.requests] == [200, 401]

@@ -28,6 +28,7 @@ from mdkat.data.align import align, video_of
 from mdkat.data.csd import read_csd
 from mdkat.data.prepared import SPLITS, DataError, SplitArrays, check_labels
 from mdkat.io import sha256_file
+from mdkat.redact import redact
 
 # relative to data.base_url (http://immortal.multicomp.cs.cmu.edu/)
 CSD_FILES = {
@@ -90,7 +91,7 @@ def _locate(cfg: DataConfig) -> dict[str, dict[str, Any]]:
             )
         except DownloadError as e:
             raise DataError(f"{e}\n{SERVER_HINT}") from None
-        files[name] = {"path": got.path, "sha256": got.sha256, "url": url}
+        files[name] = {"path": got.path, "sha256": got.sha256, "url": redact(url)}
     return files
 
 

@@ -9,6 +9,7 @@ later call trust an existing file without touching the network.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import os
 import posixpath
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from mdkat.errors import MdkatError
 from mdkat.io import atomic_open, sha256_file
+from mdkat.redact import redact
 
 CHUNK = 1 << 20
 MAX_BACKOFF_S = 60.0
@@ -89,13 +91,14 @@ def download(
             cause = exc
     else:
         kept = f"; the {part.stat().st_size} bytes in {part} are kept for resuming" if part.exists() else ""
-        raise DownloadError(f"could not download {url} after {attempts} attempt(s): {cause}{kept}")
+        raise DownloadError(f"could not download {redact(url)} after {attempts} attempt(s): {cause}{kept}")
 
     actual = sha256_file(part)
     if expected is not None and actual != expected:
         part.unlink()
         raise DownloadError(
-            f"checksum mismatch for {url}: expected sha256 {expected}, got {actual}; the file was deleted"
+            f"checksum mismatch for {redact(url)}: expected sha256 {expected}, got {actual}; "
+            "the file was deleted"
         )
     # Drop any stale sidecar first: a crash before the new one is written must not vouch for the new file.
     sidecar.unlink(missing_ok=True)
@@ -109,7 +112,7 @@ def _expected_digest(url: str, sha256: str | None) -> str | None:
         return None
     digest = sha256.strip().lower()
     if not _HEX_DIGEST.fullmatch(digest):
-        raise DownloadError(f"expected sha256 for {url} is not a 64-digit hex digest: {sha256!r}")
+        raise DownloadError(f"expected sha256 for {redact(url)} is not a 64-digit hex digest: {sha256!r}")
     return digest
 
 
@@ -118,7 +121,7 @@ def _target_name(url: str, filename: str | None) -> str:
         # Take the basename before unquoting so that an encoded slash cannot smuggle in a directory.
         filename = urllib.parse.unquote(posixpath.basename(urllib.parse.urlsplit(url).path))
     if filename in ("", ".", "..") or any(c in filename for c in "/\\\0"):
-        raise DownloadError(f"no usable file name for {url}: {filename!r}; pass a plain filename")
+        raise DownloadError(f"no usable file name for {redact(url)}: {filename!r}; pass a plain filename")
     return filename
 
 
@@ -157,9 +160,13 @@ def _fetch(url: str, part: Path, timeout_s: float, progress: bool) -> None:
     """One attempt: bring `part` up to the whole remote file, continuing from its current size."""
     while True:
         offset = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        plain, headers = _basic_auth(url)
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
         try:
-            response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+            response = urllib.request.urlopen(
+                urllib.request.Request(plain, headers=headers), timeout=timeout_s
+            )
         except urllib.error.HTTPError as exc:
             try:
                 if exc.code == 416 and offset:
@@ -170,7 +177,9 @@ def _fetch(url: str, part: Path, timeout_s: float, progress: bool) -> None:
                     continue
                 if exc.code >= 500 or exc.code in RETRY_STATUSES:
                     raise _Transient(f"HTTP {exc.code} {exc.reason}") from exc
-                raise DownloadError(f"could not download {url}: HTTP {exc.code} {exc.reason}") from None
+                raise DownloadError(
+                    f"could not download {redact(url)}: HTTP {exc.code} {exc.reason}"
+                ) from None
             finally:
                 exc.close()
         except OSError as exc:  # URLError (refused, unresolvable) and timeouts while connecting
@@ -185,6 +194,18 @@ def _fetch(url: str, part: Path, timeout_s: float, progress: bool) -> None:
             raise _Transient("the server sent part of the file when asked for all of it")
         # A partial reply that does not continue the part (no or a later start offset): start over.
         part.unlink()
+
+
+def _basic_auth(url: str) -> tuple[str, dict[str, str]]:
+    """`url` without its userinfo, and the HTTP Basic header that carries it (urllib sends none itself)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, {}
+    host = parts.netloc.rpartition("@")[2]
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), {"Authorization": f"Basic {token}"}
 
 
 def _stream(response: http.client.HTTPResponse, part: Path, offset: int, progress: bool) -> bool:

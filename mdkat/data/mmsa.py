@@ -36,6 +36,7 @@ from mdkat import MODALITIES
 from mdkat.config import DataConfig
 from mdkat.data.prepared import SPLITS, DataError, SplitArrays, check_labels
 from mdkat.io import sha256_file
+from mdkat.redact import redact
 
 LABEL_KEY = "regression_labels"
 MASK_KEY = "text_bert"
@@ -308,8 +309,8 @@ def _resolve(cfg: DataConfig) -> tuple[Path, str, str | None]:
     if cfg.url:
         if expected is None:
             raise DataError(
-                f"data.url {cfg.url}: data.sha256 must also be set to the file's published SHA-256 (the "
-                "README lists them); an unverified download is never used"
+                f"data.url {redact(cfg.url)}: data.sha256 must also be set to the file's published SHA-256 "
+                "(the README lists them); an unverified download is never used"
             )
         from mdkat.data.download import download
 
@@ -337,6 +338,6 @@ def load_mmsa(cfg: DataConfig) -> tuple[dict[str, SplitArrays], dict]:
         "source": "mmsa",
         "dataset": cfg.dataset,
         **info,
-        "provenance": {"file": path.name, "sha256": digest, "url": url},
+        "provenance": {"file": path.name, "sha256": digest, "url": redact(url)},
     }
     return splits, info
