@@ -9,9 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mdkat.errors import MdkatError
 from mdkat.io import project_root
+from mdkat.redact import redact
 
 _LOCAL = ("sqlite:///", "journal:")
+# the module SQLAlchemy imports for a URL's driver -> the package that provides it
+DRIVER_PACKAGES = {
+    "psycopg": "psycopg[binary]",  # postgresql:// (SQLAlchemy 2.1's default), postgresql+psycopg://
+    "psycopg2": "psycopg2-binary",  # postgresql+psycopg2://
+    "MySQLdb": "mysqlclient",  # mysql://
+    "pymysql": "PyMySQL",  # mysql+pymysql://
+}
 
 
 def storage_path(storage: str, root: str | Path | None = None) -> Path | None:
@@ -45,4 +54,15 @@ def open_storage(storage: str, heartbeat_s: int, root: str | Path | None = None)
         return optuna.storages.RDBStorage(
             f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 60}}
         )
-    return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s)
+    try:
+        return optuna.storages.RDBStorage(
+            storage, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s
+        )
+    except ImportError as e:  # SQLAlchemy imports the database driver when the engine is made
+        missing = e.name or getattr(e.__cause__, "name", None) or ""  # Optuna re-raises its own ImportError
+        module = missing.split(".")[0]
+        package = DRIVER_PACKAGES.get(module, module or "the database driver")
+        raise MdkatError(
+            f"tune.storage {redact(storage)}: its database driver '{module}' is not installed; "
+            f"install it: pip install '{package}'"
+        ) from None

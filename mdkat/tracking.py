@@ -36,6 +36,46 @@ from mdkat.redact import redact
 
 STORE = "mlflow.db"  # the default store, at the project root
 
+# Every HTTP call MLflow makes is bounded (MLflow reads these at each request; a value the user exported
+# wins): a server that answers /health but fails or hangs on its API ends a stage in well under a minute,
+# where MLflow's defaults (120 s timeout, 7 retries with exponential backoff) take several.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+}
+
+
+def bound_http_calls() -> None:
+    """Set `HTTP_LIMITS` in the environment where the user has not set them."""
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def server_errors(uri: str) -> Iterator[None]:
+    """MLflow's and the HTTP client's exceptions as one line naming the (redacted) tracking URI."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    try:
+        yield
+    except (MlflowException, RequestException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MdkatError(f"MLflow tracking server {redact(uri)} failed: {redact(first)[:300]}") from None
+
+
+def _on_server(method):
+    """Run a `Tracker` method under `server_errors` of its URI."""
+
+    def wrapped(self, *args, **kwargs):
+        with server_errors(self.uri):
+            return method(self, *args, **kwargs)
+
+    wrapped.__name__, wrapped.__doc__ = method.__name__, method.__doc__
+    return wrapped
+
 
 def tracking_uri(root: str | Path | None = None) -> str:
     """`MLFLOW_TRACKING_URI`, else the `sqlite:///.../mlflow.db` of the project at `root` (default: cwd's)."""
@@ -118,12 +158,18 @@ class Tracker:
         parent: str | None = None,
     ) -> Tracker:
         """Create a run (nested under `parent` if given) in `experiment`, with params and tags."""
-        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         uri = tracking_uri()
+        bound_http_calls()
         check_reachable(uri)
-        client = MlflowClient(uri)
+        with server_errors(uri):
+            return cls._create(MlflowClient(uri), uri, experiment, run_name, params, tags, parent)
+
+    @classmethod
+    def _create(cls, client, uri, experiment, run_name, params, tags, parent) -> Tracker:
+        from mlflow.entities import Param
+
         found = client.get_experiment_by_name(experiment)
         if found is None:
             # a tracking server stores artifacts itself (`--artifacts-destination`): a path on this machine
@@ -153,6 +199,7 @@ class Tracker:
                 f"{record}: not found; it is written by the train stage next to model.pt"
             ) from None
         uri = tracking_uri()
+        bound_http_calls()
         check_reachable(uri)
         return cls(uri, info["run_id"], info["experiment_id"])
 
@@ -162,6 +209,7 @@ class Tracker:
 
         return MlflowClient(self.uri)
 
+    @_on_server
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, prefix: str = "") -> None:
         """Log numeric values (NaN included) at `step`."""
         from mlflow.entities import Metric
@@ -173,11 +221,13 @@ class Tracker:
         for start in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[start : start + 1000], synchronous=True)
 
+    @_on_server
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Add or overwrite tags."""
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
 
+    @_on_server
     def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
         """Upload files (or folders) into the run's artifacts."""
         client = self.client
@@ -188,14 +238,17 @@ class Tracker:
             elif path.exists():
                 client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_on_server
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         """Store `data` as a JSON artifact file."""
         self.client.log_dict(self.run_id, data, artifact_file)
 
+    @_on_server
     def reopen(self) -> None:
         """Mark a FAILED or KILLED run RUNNING again (a resumed training continues it)."""
         self.client.update_run(self.run_id, status="RUNNING")
 
+    @_on_server
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import http.server
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,7 +40,7 @@ from mdkat.data.prepare import prepare
 from mdkat.errors import MdkatError
 from mdkat.redact import redact
 from mdkat.runs import RUN_RECORD, evaluate_run, train_run
-from mdkat.tracking import check_reachable
+from mdkat.tracking import HTTP_LIMITS, check_reachable
 from mdkat.training import CHECKPOINT, fit
 from tests.conftest import ROOT, TINY, Stop, prepared, stop_after, tiny_params, use_store
 
@@ -585,3 +587,45 @@ def test_train_and_evaluate_stages_record_one_run(tiny, store, tmp_path):
     assert run.data.metrics["test_mae"] == report["test"]["mae"]
     assert "evaluation/predictions.csv" in _artifacts(client, run_id)
     assert (tmp_path / "mlruns" / run_id / "artifacts" / "model.pt").exists()
+
+
+class _Degraded(http.server.BaseHTTPRequestHandler):
+    """A tracking server that is up (/health answers) but fails every API call."""
+
+    def _answer(self) -> None:
+        healthy = self.path.rstrip("/").endswith("/health")
+        body = b"OK" if healthy else b'{"error_code": "INTERNAL_ERROR", "message": "database is down"}'
+        self.send_response(200 if healthy else 500)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_degraded_tracking_server_ends_training_within_a_minute_in_one_line(tiny, tmp_path, monkeypatch):
+    params, data_dir = tiny
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Degraded)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://admin:hunter22@127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        for key in HTTP_LIMITS:  # the pipeline's bounds, not whatever the machine exports
+            monkeypatch.delenv(key, raising=False)
+        started = time.monotonic()
+        with pytest.raises(MdkatError) as raised:
+            train_run(params, data_dir, tmp_path / "out")
+        elapsed = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(raised.value)
+    assert elapsed < 60, elapsed
+    assert "\n" not in message and f"http://admin:***@127.0.0.1:{server.server_address[1]}" in message
+    assert "hunter22" not in message and "failed" in message
+    assert not (tmp_path / "out" / "model.pt").exists()

@@ -9,6 +9,7 @@ one empty store migrated once for the module.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ from mdkat.checks import load_checked
 from mdkat.config import ConfigError, Params, chosen_flat_dict, load_params
 from mdkat.data import load_prepared
 from mdkat.data.prepare import prepare
+from mdkat.errors import MdkatError
 from mdkat.models import search_space
+from mdkat.study_storage import open_storage
 from mdkat.tracking import flat_params
 from mdkat.training import fit
 from mdkat.tuning import WorkerPlan, run_worker, study_name, tune
@@ -476,3 +479,21 @@ def test_defaults_whose_trial_died_are_queued_again(store, data_dir, tmp_path):
     trials = _trials(storage, name)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].params == defaults
+
+
+@pytest.mark.parametrize(
+    ("url", "package"),
+    [
+        ("postgresql://tuner:hunter22@127.0.0.1:9/optuna", "psycopg[binary]"),
+        ("postgresql+psycopg2://tuner:hunter22@127.0.0.1:9/optuna", "psycopg2-binary"),
+        ("mysql+pymysql://tuner:hunter22@127.0.0.1:9/optuna", "PyMySQL"),
+    ],
+)
+def test_an_rdb_storage_without_its_driver_says_which_package_to_install(url, package, monkeypatch):
+    drivers = {"psycopg": "psycopg", "psycopg2": "psycopg2", "PyMySQL": "pymysql"}
+    module = drivers[package.split("[")[0].split("-")[0]]
+    monkeypatch.setitem(sys.modules, module, None)  # not installed, whatever this machine has
+    with pytest.raises(MdkatError) as raised:
+        open_storage(url, heartbeat_s=60)
+    message = str(raised.value)
+    assert f"pip install '{package}'" in message and "tuner:***@" in message and "hunter22" not in message
