@@ -191,6 +191,7 @@ class TuneConfig(Section):
     seed: int
     pruner: Literal["median", "hyperband", "none"]
     heartbeat_s: Positive  # RDB storages: a trial whose worker is silent this long is failed
+    max_retries: NonNegative  # a trial whose worker died is run again with its values, at most this often
     # ranges of other models' sections, and weights of switched-off loss terms, are left out of a study
     space: Items[SearchRange]
 

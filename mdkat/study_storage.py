@@ -38,8 +38,12 @@ def is_local(storage: str) -> bool:
     return storage.startswith(_LOCAL)
 
 
-def open_storage(storage: str, heartbeat_s: int, root: str | Path | None = None):
-    """An Optuna storage object for a `tune.storage` string (local files are created when missing)."""
+def open_storage(storage: str, heartbeat_s: int, root: str | Path | None = None, max_retries: int = 0):
+    """An Optuna storage object for a `tune.storage` string (local files are created when missing).
+
+    An RDB storage fails the trials of a worker whose heartbeat stops and queues each again with its
+    values, at most `max_retries` times (Optuna's `RetryFailedTrialCallback`).
+    """
     import optuna
 
     path = storage_path(storage, root)

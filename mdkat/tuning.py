@@ -8,8 +8,13 @@
   and of the data manifest: re-running with nothing changed continues the same study (its finished
   trials count towards `n_trials`), any change starts a new one, so a stale best is never reused.
 - The default weights are enqueued as trial 0, so the study can only improve on them.
-- Seeded TPE; every worker, and every resumed invocation, derives its own seed from `tune.seed`, the
-  worker index and the number of trials already in the study, so workers do not propose the same points.
+- Seeded TPE: each trial's sampler seed derives from `tune.seed`, the worker index and the trial's place
+  among the counted trials, so workers do not propose the same points, and a study interrupted and resumed
+  with one worker proposes the same trials, and writes the same `best.yaml`, as an uninterrupted one.
+- A trial whose worker died (SIGKILL, a lost machine) is failed and queued again with its values, at most
+  `tune.max_retries` times; the retry takes its place in the count, so it is not counted twice (a trial
+  that fails by itself still counts). Local storages find such trials RUNNING when the stage starts; RDB
+  storages by their heartbeat. MLflow runs of a dead invocation still RUNNING are ended KILLED.
 - Exactly `n_trials`: finished and running trials are counted before each new trial starts, under a file
   lock that is held until the new trial exists in the storage (`MaxTrialsCallback` alone overshoots with
   several workers). Workers on several machines (an RDB URL) cannot share that lock; a trial that finds
@@ -54,7 +59,14 @@ from mdkat.tracking import Tracker, flat_params, run_tags
 from mdkat.training import fit
 
 # Parameters that change how a study runs, not what its objective measures: not part of its identity.
-BOOKKEEPING = {"tune.n_trials", "tune.timeout_s", "tune.storage", "tune.study_name", "tune.heartbeat_s"}
+BOOKKEEPING = {
+    "tune.n_trials",
+    "tune.timeout_s",
+    "tune.storage",
+    "tune.study_name",
+    "tune.heartbeat_s",
+    "tune.max_retries",
+}
 IDENTITY_SECTIONS = ("model", "loss", "train", "tune")
 NOT_OBJECTIVE = {"train.epochs", "train.device"}  # trials train for tune.epochs; a device is not a setting
 
@@ -107,20 +119,30 @@ class TrialStartLock:
 
 
 def counted(study) -> list:
-    """Trials that count towards `n_trials`: finished or running, not tagged surplus."""
+    """Trials that count towards `n_trials`, in order: finished or running, not tagged surplus, and not a
+    trial whose worker died and which runs again (its retry counts in its place)."""
     from optuna.trial import TrialState
 
+    trials = study.get_trials(deepcopy=False)
+    # Optuna's RetryFailedTrialCallback records the chain of failed trials a retry stands for
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-    return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get("surplus")]
+    return [
+        t for t in trials if t.state in states and not t.user_attrs.get("surplus") and t.number not in retried
+    ]
 
 
-def fail_stale_running(study) -> list[int]:
-    """Mark RUNNING trials failed (local storages: no worker of a previous invocation is alive)."""
+def fail_stale_running(study, max_retries: int) -> list[int]:
+    """Mark RUNNING trials failed (local storages: no worker of a previous invocation is alive) and queue
+    each again with its values, at most `max_retries` times, as an RDB storage's heartbeat does."""
+    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
+    retry = RetryFailedTrialCallback(max_retry=max_retries)
     stale = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
     for number in stale:
         study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        retry(study, study.get_trials(deepcopy=False)[number])
     return stale
 
 
@@ -132,7 +154,8 @@ def enqueue_defaults(study, params: Params) -> bool:
     """
     from optuna.trial import TrialState
 
-    if len(counted(study)) >= params.tune.n_trials:
+    queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # retries of dead trials first
+    if len(counted(study)) + len(queued) >= params.tune.n_trials:
         return False
     flat = chosen_flat_dict(params)
     defaults = {r.key: flat[r.key] for r in search_space(params)}
@@ -157,7 +180,6 @@ class WorkerPlan:
     data_dir: str
     study_name: str
     worker: int
-    seed: int
     parent_run: str | None
     threads: int
     deadline: float | None  # time.time() after which no new trial starts
@@ -266,8 +288,7 @@ def run_worker(plan: WorkerPlan) -> int:
     tune = plan.params.tune
     study = optuna.load_study(
         study_name=plan.study_name,
-        storage=open_storage(tune.storage, tune.heartbeat_s),
-        sampler=optuna.samplers.TPESampler(seed=plan.seed),
+        storage=open_storage(tune.storage, tune.heartbeat_s, max_retries=tune.max_retries),
         pruner=_pruner(plan.params),
     )
     data = load_prepared(plan.data_dir, splits=("train", "valid"))
@@ -277,8 +298,13 @@ def run_worker(plan: WorkerPlan) -> int:
     while plan.deadline is None or time.time() < plan.deadline:
         lock.acquire()
         try:
-            if len(counted(study)) >= tune.n_trials:
+            ordinal = len(counted(study))
+            if ordinal >= tune.n_trials:
                 break
+            # the proposal depends on the trial's place in the study, not on the invocation: a study
+            # interrupted and resumed proposes what an uninterrupted one would (TPE reads the history
+            # from the storage; its only state is the seed)
+            study.sampler = optuna.samplers.TPESampler(seed=_derived_seed(tune.seed, plan.worker, ordinal))
             # failures are recorded in the study and the worker goes on; the lock is released in the objective
             study.optimize(objective, n_trials=1, catch=(Exception,))
             started += 1
@@ -317,16 +343,21 @@ def tune(
     tune_cfg = params.tune
     data = load_prepared(data_dir, splits=("train", "valid"))
     name = study_name(params, data.manifest_sha256)
-    storage = open_storage(tune_cfg.storage, tune_cfg.heartbeat_s)
+    storage = open_storage(tune_cfg.storage, tune_cfg.heartbeat_s, max_retries=tune_cfg.max_retries)
     study = optuna.create_study(
         study_name=name, storage=storage, direction=direction(tune_cfg.metric), load_if_exists=True
     )
     if is_local(tune_cfg.storage):
-        stale = fail_stale_running(study)
+        stale = fail_stale_running(study, tune_cfg.max_retries)
         if stale:
-            print(f"marked trials {stale} failed: left running by a worker that is gone", file=sys.stderr)
+            print(
+                f"trials {stale} were left running by a worker that is gone: failed, and queued again "
+                f"(at most {tune_cfg.max_retries} times each)",
+                file=sys.stderr,
+            )
+        if track:
+            end_orphaned_runs(params.mlflow.experiment, name)
     enqueue_defaults(study, params)
-    before = len(study.get_trials(deepcopy=False))
     so_far = len(counted(study))
     print(
         f"study {name} on {redact(tune_cfg.storage)}: {so_far}/{tune_cfg.n_trials} trials so far, "
@@ -349,7 +380,6 @@ def tune(
                 data_dir=str(data_dir),
                 study_name=name,
                 worker=w,
-                seed=_derived_seed(tune_cfg.seed, w, before),
                 parent_run=parent.run_id if parent else None,
                 threads=threads,
                 deadline=deadline,
@@ -376,9 +406,32 @@ def tune(
     return result
 
 
-def _derived_seed(seed: int, worker: int, trials_before: int) -> int:
-    # different workers and different invocations of one study must not replay the same proposals
-    digest = hashlib.sha256(f"{seed}/{worker}/{trials_before}".encode()).digest()
+def end_orphaned_runs(experiment: str, study: str) -> list[str]:
+    """End KILLED the MLflow runs of `study` still RUNNING (local storages: their invocation is gone)."""
+    from mlflow.tracking import MlflowClient
+
+    from mdkat.tracking import server_errors, tracking_uri
+
+    uri = tracking_uri()
+    with server_errors(uri):
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        runs = client.search_runs(
+            [found.experiment_id], f"tags.`optuna.study` = '{study}' and attributes.status = 'RUNNING'"
+        )
+        for run in runs:
+            client.set_terminated(run.info.run_id, "KILLED")
+    if runs:
+        print(f"ended {len(runs)} MLflow run(s) of a dead invocation KILLED", file=sys.stderr)
+    return [run.info.run_id for run in runs]
+
+
+def _derived_seed(seed: int, worker: int, ordinal: int) -> int:
+    # one seed per place in the study (and per worker: workers on several machines may start trials of one
+    # place at once, and must not propose the same point)
+    digest = hashlib.sha256(f"{seed}/{worker}/{ordinal}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
@@ -389,12 +442,14 @@ def _best(study, params: Params, name: str) -> dict[str, Any]:
     if not complete:
         raise MdkatError(f"study {name}: no trial completed (all pruned or failed); nothing to write")
     best = study.best_trial
+    order = [t.number for t in counted(study)]
     return {
         "params": {k: float(v) for k, v in best.params.items()},
         "metric": f"valid_{params.tune.metric}",
         "direction": direction(params.tune.metric),
         "value": float(best.value),
-        "trial": best.number,
+        # its place among the counted trials: a retried trial takes the place of the one it retries
+        "trial": order.index(best.number),
         "study_name": name,
         "n_trials": len(counted(study)),
     }

@@ -9,6 +9,8 @@ one empty store migrated once for the module.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -236,7 +238,6 @@ def test_racing_workers_never_count_more_than_n_trials(data_dir, tmp_path, monke
             str(data_dir),
             name,
             w,
-            seed=w,
             parent_run=None,
             threads=1,
             deadline=None,
@@ -278,24 +279,35 @@ def test_a_resumed_study_keeps_its_trials_and_tops_up_to_the_new_n_trials(store,
     assert len(recorded.parents) == 2 and sorted(recorded.trials) == [0, 1, 2, 3]
 
 
-def test_a_trial_left_running_is_failed_when_the_stage_starts_again(store, data_dir, tmp_path, capfd):
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_trial_left_running_is_failed_and_run_again_with_its_values(
+    store, data_dir, tmp_path, capfd, retries
+):
     # the default kind of storage, relative: optuna.db at the project root
-    params = _params(FULL_SPACE, "tune.n_trials=2", "tune.storage=sqlite:///optuna.db")
+    params = _params(
+        FULL_SPACE, "tune.n_trials=2", "tune.storage=sqlite:///optuna.db", f"tune.max_retries={retries}"
+    )
     name = study_name(params, load_prepared(data_dir, splits=()).manifest_sha256)
     # the study as an invocation whose worker died left it: one finished trial, one RUNNING for ever
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     space = {r.key: FloatDistribution(r.low, r.high, log=r.log) for r in params.tune.space}
     finished = {key: d.low for key, d in space.items()}
-    study.add_trial(create_trial(params=finished, distributions=space, value=1.0))
-    study.ask()
+    study.add_trial(create_trial(params=finished, distributions=space, value=1e9))
+    dead = study.ask()
+    died_with = {r.key: dead.suggest_float(r.key, r.low, r.high, log=r.log) for r in params.tune.space}
 
     result = tune(params, data_dir, tmp_path / "best.yaml")
     trials = _trials(f"sqlite:///{tmp_path / 'optuna.db'}", name)
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
-    assert "marked trials [1] failed" in capfd.readouterr().err
-    # the failed trial counts towards n_trials, so no trial had to run; the best is still written
-    assert result["n_trials"] == 2 and (result["trial"], result["value"]) == (0, 1.0)
-    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["params"] == finished
+    assert "trials [1] were left running by a worker that is gone" in capfd.readouterr().err
+    if retries:
+        # the dead trial runs again with its values and takes its place: still 2 counted trials
+        assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+        assert trials[2].params == died_with
+        assert result["n_trials"] == 2 and result["trial"] == 1 and result["params"] == died_with
+    else:
+        # no retries: the failed trial counts towards n_trials, so no trial had to run
+        assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+        assert result["n_trials"] == 2 and (result["trial"], result["value"]) == (0, 1e9)
 
 
 def test_a_trial_that_raises_is_failed_and_the_study_goes_on(store, data_dir, tmp_path, monkeypatch):
@@ -475,10 +487,11 @@ def test_defaults_whose_trial_died_are_queued_again(store, data_dir, tmp_path):
     study.enqueue_trial(defaults)
     study.ask()  # trial 0 takes the defaults, and its worker dies
 
-    tune(params, data_dir, tmp_path / "best.yaml")
+    result = tune(params, data_dir, tmp_path / "best.yaml")
     trials = _trials(storage, name)
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert trials[1].params == defaults
+    # the retry of the dead trial runs the defaults; it takes the dead trial's place, so one more runs
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].params == defaults and result["n_trials"] == 2
 
 
 @pytest.mark.parametrize(
@@ -497,3 +510,66 @@ def test_an_rdb_storage_without_its_driver_says_which_package_to_install(url, pa
         open_storage(url, heartbeat_s=60)
     message = str(raised.value)
     assert f"pip install '{package}'" in message and "tuner:***@" in message and "hunter22" not in message
+
+
+# a tune invocation that kills its own process (SIGKILL: no cleanup runs) in trial `kill_at`, epoch 1
+KILLED_TUNE = """
+import os, signal, sys
+import mdkat.tuning
+from mdkat.checks import load_checked
+from mdkat.training import fit
+overrides, data_dir, out, kill_at = sys.argv[1].split("\\x1f"), sys.argv[2], sys.argv[3], int(sys.argv[4])
+started = []
+def dying_fit(*args, on_epoch, **kwargs):
+    started.append(1)
+    def epoch(done, row):
+        on_epoch(done, row)
+        if len(started) == kill_at + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return fit(*args, on_epoch=epoch, **kwargs)
+mdkat.tuning.fit = dying_fit
+mdkat.tuning.tune(load_checked(sys.argv[5], overrides), data_dir, out, track=False)
+"""
+
+
+def test_a_study_killed_mid_trial_and_resumed_ends_as_an_uninterrupted_one(data_dir, tmp_path):
+    base = [*SETTINGS, FULL_SPACE, "tune.n_trials=4", "tune.pruner=none"]
+    whole = _params(*base, f"tune.storage=journal:{tmp_path / 'whole.journal'}")
+    expected = tune(whole, data_dir, tmp_path / "whole.yaml", track=False)
+
+    cut = [*base, f"tune.storage=journal:{tmp_path / 'cut.journal'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILLED_TUNE,
+            "\x1f".join(cut),
+            str(data_dir),
+            str(tmp_path / "cut.yaml"),
+            "2",
+            str(ROOT / "params.yaml"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    name = study_name(whole, load_prepared(data_dir, splits=()).manifest_sha256)
+    storage = _journal(tmp_path / "cut.journal")
+    assert [t.state for t in _trials(storage, name)][-1] == TrialState.RUNNING  # as SIGKILL left it
+    assert not (tmp_path / "cut.yaml").exists()
+    leftovers = list(tmp_path.glob(".cut.yaml.trial2.*.tmp"))
+    assert len(leftovers) == 1, "the killed trial's scratch folder is still there"
+
+    resumed = tune(_params(*cut), data_dir, tmp_path / "cut.yaml", track=False)
+    assert resumed == expected
+    assert (tmp_path / "cut.yaml").read_text() == (tmp_path / "whole.yaml").read_text()
+    trials = _trials(storage, name)
+    assert [t.state for t in trials].count(TrialState.FAIL) == 1 and len(trials) == 5
+    # the same proposals, place by place: the retry stands where the dead trial stood
+    kept = [t.params for t in trials if t.state == TrialState.COMPLETE]
+    assert kept == [t.params for t in _trials(_journal(tmp_path / "whole.journal"), name)]
+    assert not list(tmp_path.glob(".cut.yaml.trial*")), "the next run removed the dead trial's folder"
