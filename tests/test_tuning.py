@@ -38,7 +38,7 @@ from mdkat.models import search_space
 from mdkat.study_storage import open_storage
 from mdkat.tracking import flat_params
 from mdkat.training import fit
-from mdkat.tuning import WorkerPlan, run_worker, study_name, tune
+from mdkat.tuning import WorkerPlan, end_orphaned_runs, run_worker, study_name, tune
 from tests.conftest import ROOT, TINY, use_store
 
 # trials train on the CPU, where one seed gives identical numbers: a trial can be replayed exactly
@@ -573,3 +573,14 @@ def test_a_study_killed_mid_trial_and_resumed_ends_as_an_uninterrupted_one(data_
     kept = [t.params for t in trials if t.state == TrialState.COMPLETE]
     assert kept == [t.params for t in _trials(_journal(tmp_path / "whole.journal"), name)]
     assert not list(tmp_path.glob(".cut.yaml.trial*")), "the next run removed the dead trial's folder"
+
+
+def test_mlflow_runs_a_dead_invocation_left_running_are_ended_killed(store):
+    client = MlflowClient(store)
+    experiment = client.create_experiment("orphans")
+    mine = client.create_run(experiment, tags={"optuna.study": "s-1"}).info.run_id
+    other = client.create_run(experiment, tags={"optuna.study": "s-2"}).info.run_id
+    done = client.create_run(experiment, tags={"optuna.study": "s-1"}).info.run_id
+    client.set_terminated(done, "FINISHED")
+    assert end_orphaned_runs("orphans", "s-1") == [mine]
+    assert [client.get_run(r).info.status for r in (mine, other, done)] == ["KILLED", "RUNNING", "FINISHED"]
