@@ -142,7 +142,7 @@ def test_reading_the_parameters_loads_neither_torch_nor_a_model(root):
         ("model.mdkat.use_ka=1", r"'model\.mdkat\.use_ka' expected bool, got int 1"),
         ("model.mdkat.conv_kernel.text=4", r"'model\.mdkat\.conv_kernel' must be odd.*'text': 4"),
         ("model.mdkat.heads=7", r"'model\.mdkat' width 50 is not divisible by heads 7"),
-        ("model.name=nope", r"'model\.name' expected one of \['late_fusion', 'mdkat'\], got 'nope'"),
+        ("model.name=nope", r"'model\.name' expected one of \['dmd', 'late_fusion', .*\], got 'nope'"),
         ("model.nope.width=3", r"'model\.nope' is not a model"),
         ("loss.mdkat.kaa=0.1", r"'loss\.mdkat\.kaa' is not a loss term of mdkat: \['unimodal'"),
         ("loss.late_fusion.ka=0.1", r"'loss\.late_fusion\.ka' is not a loss term of late_fusion: \[\]"),
@@ -174,4 +174,9 @@ def test_chosen_flat_dict_leaves_out_other_models(root):
     late = set(chosen_flat_dict(with_values(params, {"model.name": "late_fusion"})))
     assert "model.late_fusion.width" in late
     assert not any(k.startswith(("model.mdkat", "loss.mdkat")) for k in late)
-    assert set(to_flat_dict(params)) == keys | late
+    # every key belongs to some model's choice, or to every one (the text encoder is shared)
+    everyone = set()
+    for name in params.model.sections():
+        everyone |= set(chosen_flat_dict(with_values(params, {"model.name": name})))
+    assert set(to_flat_dict(params)) == everyone
+    assert {"model.text_encoder", "model.bert.lr"} <= keys & late

@@ -265,7 +265,7 @@ def test_worker_processes_give_the_results_of_one_process(tiny, tmp_path):
 
 
 def test_the_code_digest_follows_the_code_not_its_comments_or_docstrings():
-    from mdkat.report import _code
+    from mdkat.fingerprint import _code
 
     a = 'def f(x):\n    """Doc."""\n    return x + 1  # comment\n'
     b = '"""Module doc."""\n\n\ndef f(x):\n    """Other doc."""\n    # another comment\n    return x + 1\n'
