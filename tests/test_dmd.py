@@ -12,7 +12,15 @@ import torch
 from mdkat import MODALITIES
 from mdkat.models.dmd import DMD, DMDConfig, GraphDistillation, distillation, margin_loss, time_bins
 from tests.conftest import section, section_weights
-from tests.test_models import MOSEI, MOSI, SMALL_ALIGNED, SMALL_UNALIGNED, padded, random_batch
+from tests.test_models import (
+    MOSEI,
+    MOSI,
+    SMALL_ALIGNED,
+    SMALL_UNALIGNED,
+    padded,
+    random_batch,
+    with_input_statistics,
+)
 
 
 def config(**changes) -> DMDConfig:
@@ -43,15 +51,6 @@ def narrow(**changes) -> DMDConfig:
     """A small model for tests whose point does not depend on the widths."""
     small = {"width": 8, "heads": 2, "layers": 1, "memory_layers": 1, "bins": 4}
     return config(**{**small, "homo_gd_hidden": 6, "hetero_gd_hidden": 5, **changes})
-
-
-def with_statistics(model: DMD, seed: int) -> DMD:
-    """Non-trivial standardisation (mean far from zero), so that padded zeros would not stay zero."""
-    g = torch.Generator().manual_seed(seed)
-    for module in model.projection.values():
-        d = module.in_mean.shape[0]
-        module.set_statistics(torch.randn(64, d, generator=g) * 2 + 1.5)
-    return model
 
 
 def stack(values: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -97,7 +96,7 @@ def test_output_shapes_for_both_datasets_alignments_and_batch_sizes(dims, steps,
 @pytest.mark.parametrize("extra", [(6, 6, 6), (3, 11, 17)], ids=["equal", "unequal"])
 def test_predictions_and_terms_ignore_appended_padding_and_its_values(steps, extra):
     torch.manual_seed(0)
-    model = with_statistics(DMD(narrow(width=16), MOSI), seed=1).eval()
+    model = with_input_statistics(DMD(narrow(width=16), MOSI), seed=1).eval()
     batch = random_batch(5, steps, MOSI, seed=1)
     extra = dict(zip(MODALITIES, extra, strict=True))
     with torch.no_grad():
@@ -119,7 +118,7 @@ def test_predictions_and_terms_ignore_appended_padding_and_its_values(steps, ext
 
 def test_a_sample_without_steps_is_defined_and_ignores_padding():
     torch.manual_seed(0)
-    model = with_statistics(DMD(narrow(), MOSI), seed=2).eval()
+    model = with_input_statistics(DMD(narrow(), MOSI), seed=2).eval()
     batch = random_batch(3, SMALL_UNALIGNED, MOSI, seed=3)
     batch = dataclasses.replace(batch, audio_len=torch.tensor([30, 0, 4]))
     with torch.no_grad():
@@ -137,7 +136,7 @@ def test_a_sample_without_steps_is_defined_and_ignores_padding():
 
 def test_edges_are_non_negative_zero_on_the_diagonal_rows_normalised_and_input_dependent():
     torch.manual_seed(0)
-    model = with_statistics(DMD(narrow(), MOSI), seed=5).eval()
+    model = with_input_statistics(DMD(narrow(), MOSI), seed=5).eval()
     batch = random_batch(6, SMALL_UNALIGNED, MOSI, seed=6)
     with torch.no_grad():
         out = model(batch)
@@ -226,7 +225,7 @@ def test_margin_loss_against_a_loop_over_triplets_and_in_chunks():
 
 def test_every_parameter_learns_from_one_backward():
     torch.manual_seed(0)
-    model = with_statistics(DMD(narrow(), MOSI), seed=7)
+    model = with_input_statistics(DMD(narrow(), MOSI), seed=7)
     batch = random_batch(5, SMALL_UNALIGNED, MOSI, seed=8)
     total, _ = model.loss(model(batch), batch, weights())
     total.backward()
@@ -237,7 +236,7 @@ def test_every_parameter_learns_from_one_backward():
 @pytest.mark.parametrize("term", DMD.WEIGHTED_TERMS)
 def test_each_weighted_term_adds_weight_times_its_value(term):
     torch.manual_seed(0)
-    model = with_statistics(DMD(narrow(), MOSI), seed=9).eval()
+    model = with_input_statistics(DMD(narrow(), MOSI), seed=9).eval()
     batch = random_batch(6, SMALL_UNALIGNED, MOSI, seed=10)
     zero = dict.fromkeys(DMD.WEIGHTED_TERMS, 0.0)
     with torch.no_grad():
@@ -251,7 +250,7 @@ def test_each_weighted_term_adds_weight_times_its_value(term):
 
 def test_every_term_moves_with_the_model():
     torch.manual_seed(0)
-    model = with_statistics(DMD(narrow(), MOSI), seed=11).eval()
+    model = with_input_statistics(DMD(narrow(), MOSI), seed=11).eval()
     batch = random_batch(6, SMALL_UNALIGNED, MOSI, seed=12)
     with torch.no_grad():
         _, before = model.loss(model(batch), batch, weights())
@@ -286,7 +285,7 @@ def test_a_narrow_model_fits_a_tiny_batch():
 
 def test_state_dict_round_trip_gives_identical_outputs_and_holds_the_buffers():
     torch.manual_seed(0)
-    model = with_statistics(DMD(narrow(), MOSI), seed=14).eval()
+    model = with_input_statistics(DMD(narrow(), MOSI), seed=14).eval()
     state = model.state_dict()
     for m in MODALITIES:
         assert f"projection.{m}.in_mean" in state and f"projection.{m}.in_scale" in state

@@ -78,6 +78,18 @@ def padded(batch: Batch, extra: dict[str, int], garbage_seed: int | None = None)
     return dataclasses.replace(batch, **features)
 
 
+def with_input_statistics(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial input standardisation (means far from zero) in every projection of `model`, so that
+    padded zeros would not stay zero after it."""
+    from mdkat.models.encoders import Projection
+
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, Projection):
+            module.set_statistics(torch.randn(64, module.in_mean.shape[0], generator=g) * 2 + 1.5)
+    return model
+
+
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

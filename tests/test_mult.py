@@ -13,7 +13,15 @@ from mdkat.models import losses
 from mdkat.models.crossmodal import CrossModalTransformer, MultimodalTransformer, last_valid
 from mdkat.models.mult import MulT, MulTConfig
 from tests.conftest import section, section_weights
-from tests.test_models import MOSEI, MOSI, SMALL_ALIGNED, SMALL_UNALIGNED, padded, random_batch
+from tests.test_models import (
+    MOSEI,
+    MOSI,
+    SMALL_ALIGNED,
+    SMALL_UNALIGNED,
+    padded,
+    random_batch,
+    with_input_statistics,
+)
 
 
 def config(**changes) -> MulTConfig:
@@ -35,15 +43,6 @@ NO_DROPOUT = {"input_dropout": {"text": 0.0, "audio": 0.0, "vision": 0.0}, "drop
 def narrow(**changes) -> MulTConfig:
     """A small model for tests whose point does not depend on the widths."""
     return config(**{"width": 8, "heads": 2, "layers": 2, "memory_layers": 1, **changes})
-
-
-def with_statistics(model: MulT, seed: int) -> MulT:
-    """Non-trivial standardisation (mean far from zero), so that padded zeros would not stay zero."""
-    g = torch.Generator().manual_seed(seed)
-    for module in model.projection.values():
-        d = module.in_mean.shape[0]
-        module.set_statistics(torch.randn(64, d, generator=g) * 2 + 1.5)
-    return model
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -88,7 +87,7 @@ def test_all_six_directions_exist():
 @pytest.mark.parametrize("extra", [(6, 6, 6), (3, 11, 17)], ids=["equal", "unequal"])
 def test_predictions_ignore_appended_padding_and_its_values(steps, extra):
     torch.manual_seed(0)
-    model = with_statistics(MulT(config(), MOSI), seed=1).eval()
+    model = with_input_statistics(MulT(config(), MOSI), seed=1).eval()
     batch = random_batch(5, steps, MOSI, seed=1)
     extra = dict(zip(MODALITIES, extra, strict=True))
     with torch.no_grad():
@@ -102,7 +101,7 @@ def test_predictions_ignore_appended_padding_and_its_values(steps, extra):
 
 def test_a_sample_without_steps_is_defined_and_ignores_padding():
     torch.manual_seed(0)
-    model = with_statistics(MulT(narrow(), MOSI), seed=2).eval()
+    model = with_input_statistics(MulT(narrow(), MOSI), seed=2).eval()
     batch = random_batch(3, SMALL_UNALIGNED, MOSI, seed=3)
     batch = dataclasses.replace(batch, text_len=torch.tensor([12, 0, 4]))
     with torch.no_grad():
@@ -184,7 +183,7 @@ def test_fusion_reads_each_target_at_its_last_valid_step():
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_prediction_depends_on_every_modality_and_not_on_steps_past_the_length(steps, modality):
     torch.manual_seed(0)
-    model = with_statistics(MulT(narrow(), MOSI), seed=3).eval()
+    model = with_input_statistics(MulT(narrow(), MOSI), seed=3).eval()
     batch = random_batch(4, steps, MOSI, seed=4)
     x = batch.features(modality)
     valid = (torch.arange(x.shape[1])[None, :] < batch.lengths(modality)[:, None])[..., None]  # (B, T, 1)
@@ -203,7 +202,7 @@ def test_prediction_depends_on_every_modality_and_not_on_steps_past_the_length(s
 
 def test_every_parameter_learns_from_one_backward():
     torch.manual_seed(0)
-    model = with_statistics(MulT(config(), MOSI), seed=6)
+    model = with_input_statistics(MulT(config(), MOSI), seed=6)
     batch = random_batch(5, SMALL_UNALIGNED, MOSI, seed=7)
     total, _ = model.loss(model(batch), batch, weights())
     total.backward()
@@ -250,7 +249,7 @@ def test_a_narrow_model_fits_a_tiny_batch():
 
 def test_state_dict_round_trip_gives_identical_outputs_and_holds_the_buffers():
     torch.manual_seed(0)
-    model = with_statistics(MulT(narrow(), MOSI), seed=10).eval()
+    model = with_input_statistics(MulT(narrow(), MOSI), seed=10).eval()
     state = model.state_dict()
     for m in MODALITIES:
         assert f"projection.{m}.in_mean" in state and f"projection.{m}.in_scale" in state

@@ -12,7 +12,15 @@ from mdkat import MODALITIES
 from mdkat.models.encoders import fit_input_statistics
 from mdkat.models.self_mm import REPRESENTATIONS, SelfMM, SelfMMConfig, UnimodalLabels
 from tests.conftest import section, section_weights
-from tests.test_models import MOSEI, MOSI, SMALL_ALIGNED, SMALL_UNALIGNED, padded, random_batch
+from tests.test_models import (
+    MOSEI,
+    MOSI,
+    SMALL_ALIGNED,
+    SMALL_UNALIGNED,
+    padded,
+    random_batch,
+    with_input_statistics,
+)
 
 
 def config(**changes) -> SelfMMConfig:
@@ -47,14 +55,6 @@ def narrow(**changes) -> SelfMMConfig:
             **changes,
         }
     )
-
-
-def with_statistics(model: SelfMM, seed: int) -> SelfMM:
-    """Non-trivial standardisation (mean far from zero), so that padded zeros would not stay zero."""
-    g = torch.Generator().manual_seed(seed)
-    for module in model.normalise.values():
-        module.set_statistics(torch.randn(64, module.in_mean.shape[0], generator=g) * 2 + 1.5)
-    return model
 
 
 def numbered(batch, index: list[int]):
@@ -115,7 +115,7 @@ def test_parameter_count_at_the_default_section_matches_the_docstring():
 @pytest.mark.parametrize("pooling", ["mean", "first"])
 def test_predictions_ignore_appended_padding_and_its_values(steps, extra, pooling):
     torch.manual_seed(0)
-    model = with_statistics(SelfMM(config(text_pooling=pooling), MOSI), seed=3).eval()
+    model = with_input_statistics(SelfMM(config(text_pooling=pooling), MOSI), seed=3).eval()
     batch = random_batch(5, steps, MOSI, seed=1)
     extra = dict(zip(MODALITIES, extra, strict=True))
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_predictions_ignore_appended_padding_and_its_values(steps, extra, poolin
 @pytest.mark.parametrize("pooling", ["mean", "first"])
 def test_a_sample_without_valid_steps_reads_zeros_whatever_its_padding_holds(pooling):
     torch.manual_seed(0)
-    model = with_statistics(SelfMM(config(text_pooling=pooling), MOSI), seed=3).eval()
+    model = with_input_statistics(SelfMM(config(text_pooling=pooling), MOSI), seed=3).eval()
     batch = random_batch(4, SMALL_UNALIGNED, MOSI, seed=15)
     empty = {f"{m}_len": batch.lengths(m).clone().index_fill_(0, torch.tensor([1]), 0) for m in MODALITIES}
     batch = dataclasses.replace(
@@ -151,7 +151,7 @@ def test_generated_labels_ignore_padding():
     states = []
     for b in (batch, longer):
         torch.manual_seed(0)
-        model = with_statistics(SelfMM(config(**NO_DROPOUT), MOSI, False, {"train": 6}), seed=3)
+        model = with_input_statistics(SelfMM(config(**NO_DROPOUT), MOSI, False, {"train": 6}), seed=3)
         with torch.no_grad():
             for _ in range(3):
                 model(b)
@@ -246,7 +246,7 @@ def test_a_tiny_batch_is_overfitted():
 
 def test_state_dict_round_trip_gives_identical_eval_outputs_and_carries_the_buffers():
     torch.manual_seed(0)
-    model = with_statistics(SelfMM(config(), MOSI, False, {"train": 6}), seed=1)
+    model = with_input_statistics(SelfMM(config(), MOSI, False, {"train": 6}), seed=1)
     batch = random_batch(6, SMALL_UNALIGNED, MOSI, seed=8)
     with torch.no_grad():
         model(batch)

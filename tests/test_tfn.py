@@ -13,7 +13,15 @@ from mdkat import MODALITIES
 from mdkat.models.encoders import fit_input_statistics
 from mdkat.models.tfn import TFN, TFNConfig, tensor_fusion
 from tests.conftest import section, section_weights
-from tests.test_models import MOSEI, MOSI, SMALL_ALIGNED, SMALL_UNALIGNED, padded, random_batch
+from tests.test_models import (
+    MOSEI,
+    MOSI,
+    SMALL_ALIGNED,
+    SMALL_UNALIGNED,
+    padded,
+    random_batch,
+    with_input_statistics,
+)
 
 
 def config(**changes) -> TFNConfig:
@@ -37,15 +45,6 @@ def narrow(**changes) -> TFNConfig:
     return config(
         **{"hidden": {"text": 8, "audio": 6, "vision": 6}, "text_out": 5, "post_fusion": 8, **changes}
     )
-
-
-def with_statistics(model: TFN, seed: int) -> TFN:
-    """Non-trivial standardisation (mean far from zero), so that padded zeros would not stay zero."""
-    g = torch.Generator().manual_seed(seed)
-    for module in model.projection.values():
-        d = module.in_mean.shape[0]
-        module.set_statistics(torch.randn(64, d, generator=g) * 2 + 1.5)
-    return model
 
 
 def fused_size(cfg: TFNConfig) -> int:
@@ -89,7 +88,7 @@ def test_output_shapes_for_both_datasets_alignments_and_batch_sizes(dims, steps,
 @pytest.mark.parametrize("extra", [(6, 6, 6), (3, 11, 17)], ids=["equal", "unequal"])
 def test_predictions_ignore_appended_padding_and_its_values(steps, extra):
     torch.manual_seed(0)
-    model = with_statistics(TFN(config(), MOSI), seed=1).eval()
+    model = with_input_statistics(TFN(config(), MOSI), seed=1).eval()
     batch = random_batch(5, steps, MOSI, seed=1)
     extra = dict(zip(MODALITIES, extra, strict=True))
     with torch.no_grad():
@@ -104,7 +103,7 @@ def test_predictions_ignore_appended_padding_and_its_values(steps, extra):
 def test_a_sample_without_words_is_defined_and_ignores_padding():
     # the packed LSTM needs a length >= 1: a text of length 0 reads one zeroed step
     torch.manual_seed(0)
-    model = with_statistics(TFN(narrow(), MOSI), seed=2).eval()
+    model = with_input_statistics(TFN(narrow(), MOSI), seed=2).eval()
     batch = random_batch(3, SMALL_UNALIGNED, MOSI, seed=3)
     batch = dataclasses.replace(batch, text_len=torch.tensor([12, 0, 4]))
     with torch.no_grad():
@@ -117,7 +116,7 @@ def test_a_sample_without_words_is_defined_and_ignores_padding():
 def test_audio_and_vision_embed_the_mean_of_their_valid_steps():
     # independent computation: standardise each sample's valid steps, average, run the subnet on one sample
     torch.manual_seed(0)
-    model = with_statistics(TFN(narrow(), MOSI), seed=5).eval()
+    model = with_input_statistics(TFN(narrow(), MOSI), seed=5).eval()
     batch = random_batch(4, SMALL_UNALIGNED, MOSI, seed=6)
     with torch.no_grad():
         out = model(batch)
@@ -132,7 +131,7 @@ def test_audio_and_vision_embed_the_mean_of_their_valid_steps():
 
 def test_text_embeds_the_lstm_state_after_the_last_valid_word():
     torch.manual_seed(0)
-    model = with_statistics(TFN(narrow(), MOSI), seed=7).eval()
+    model = with_input_statistics(TFN(narrow(), MOSI), seed=7).eval()
     batch = random_batch(4, SMALL_UNALIGNED, MOSI, seed=8)
     p = model.projection["text"]
     with torch.no_grad():
