@@ -5,6 +5,7 @@ authors' model."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -13,29 +14,24 @@ from mdkat import MODALITIES
 from mdkat.models.dmd import DMD, DMDConfig, GraphDistillation, distillation, margin_loss, time_bins
 from tests.conftest import section, section_weights
 from tests.test_models import (
+    ALIGNED,
     MOSEI,
     MOSI,
     SMALL_ALIGNED,
     SMALL_UNALIGNED,
+    UNALIGNED,
     padded,
     random_batch,
     with_input_statistics,
 )
 
-
-def config(**changes) -> DMDConfig:
-    """`params.yaml`'s `model.dmd` section, with `changes`."""
-    return section("dmd", **changes)
-
-
-def weights() -> dict[str, float]:
-    return section_weights("dmd")
+# `params.yaml`'s `model.dmd` section (with changes) and `loss.dmd` weights
+config = functools.partial(section, "dmd")
+weights = functools.partial(section_weights, "dmd")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ALIGNED = {"text": 50, "audio": 50, "vision": 50}
-UNALIGNED = {"text": 50, "audio": 375, "vision": 500}
 NO_DROPOUT = {
     "input_dropout": {"text": 0.0, "audio": 0.0, "vision": 0.0},
     "dropout": 0.0,

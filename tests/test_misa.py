@@ -4,6 +4,7 @@ soft orthogonality, reconstruction) against naive references written out moment 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 
@@ -25,14 +26,9 @@ from tests.test_models import (
     random_batch,
 )
 
-
-def config(**changes) -> MISAConfig:
-    """`params.yaml`'s `model.misa` section, with `changes`."""
-    return section("misa", **changes)
-
-
-def weights() -> dict[str, float]:
-    return section_weights("misa")
+# `params.yaml`'s `model.misa` section (with changes) and `loss.misa` weights
+config = functools.partial(section, "misa")
+weights = functools.partial(section_weights, "misa")
 
 
 def narrow(**changes) -> MISAConfig:

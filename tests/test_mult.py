@@ -4,6 +4,7 @@ keys against truncated sources, and every modality reaching the prediction."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -14,29 +15,24 @@ from mdkat.models.crossmodal import CrossModalTransformer, MultimodalTransformer
 from mdkat.models.mult import MulT, MulTConfig
 from tests.conftest import section, section_weights
 from tests.test_models import (
+    ALIGNED,
     MOSEI,
     MOSI,
     SMALL_ALIGNED,
     SMALL_UNALIGNED,
+    UNALIGNED,
     padded,
     random_batch,
     with_input_statistics,
 )
 
-
-def config(**changes) -> MulTConfig:
-    """`params.yaml`'s `model.mult` section, with `changes`."""
-    return section("mult", **changes)
-
-
-def weights() -> dict[str, float]:
-    return section_weights("mult")
+# `params.yaml`'s `model.mult` section (with changes) and `loss.mult` weights
+config = functools.partial(section, "mult")
+weights = functools.partial(section_weights, "mult")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ALIGNED = {"text": 50, "audio": 50, "vision": 50}
-UNALIGNED = {"text": 50, "audio": 375, "vision": 500}
 NO_DROPOUT = {"input_dropout": {"text": 0.0, "audio": 0.0, "vision": 0.0}, "dropout": 0.0, "out_dropout": 0.0}
 
 

@@ -4,6 +4,7 @@ generation) against hand-computed labels, momentum fractions and per-sample buff
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -13,29 +14,24 @@ from mdkat.models.encoders import fit_input_statistics
 from mdkat.models.self_mm import REPRESENTATIONS, SelfMM, SelfMMConfig, UnimodalLabels
 from tests.conftest import section, section_weights
 from tests.test_models import (
+    ALIGNED,
     MOSEI,
     MOSI,
     SMALL_ALIGNED,
     SMALL_UNALIGNED,
+    UNALIGNED,
     padded,
     random_batch,
     with_input_statistics,
 )
 
-
-def config(**changes) -> SelfMMConfig:
-    """`params.yaml`'s `model.self_mm` section, with `changes`."""
-    return section("self_mm", **changes)
-
-
-def weights() -> dict[str, float]:
-    return section_weights("self_mm")
+# `params.yaml`'s `model.self_mm` section (with changes) and `loss.self_mm` weights
+config = functools.partial(section, "self_mm")
+weights = functools.partial(section_weights, "self_mm")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ALIGNED = {"text": 50, "audio": 50, "vision": 50}
-UNALIGNED = {"text": 50, "audio": 375, "vision": 500}
 NO_DROPOUT = {
     "text_dropout": 0.0,
     "lstm_dropout": {"audio": 0.0, "vision": 0.0},

@@ -4,6 +4,7 @@ hand-computed outer products."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import pytest
@@ -14,29 +15,24 @@ from mdkat.models.encoders import fit_input_statistics
 from mdkat.models.tfn import TFN, TFNConfig, tensor_fusion
 from tests.conftest import section, section_weights
 from tests.test_models import (
+    ALIGNED,
     MOSEI,
     MOSI,
     SMALL_ALIGNED,
     SMALL_UNALIGNED,
+    UNALIGNED,
     padded,
     random_batch,
     with_input_statistics,
 )
 
-
-def config(**changes) -> TFNConfig:
-    """`params.yaml`'s `model.tfn` section, with `changes`."""
-    return section("tfn", **changes)
-
-
-def weights() -> dict[str, float]:
-    return section_weights("tfn")
+# `params.yaml`'s `model.tfn` section (with changes) and `loss.tfn` weights
+config = functools.partial(section, "tfn")
+weights = functools.partial(section_weights, "tfn")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ALIGNED = {"text": 50, "audio": 50, "vision": 50}
-UNALIGNED = {"text": 50, "audio": 375, "vision": 500}
 NO_DROPOUT = {"dropout": {"text": 0.0, "audio": 0.0, "vision": 0.0}, "fusion_dropout": 0.0}
 
 
