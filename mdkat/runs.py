@@ -46,7 +46,7 @@ def _abandon(work: Path) -> None:
                 tracker.finish("KILLED")
         except Exception as e:  # another store, or a run deleted meanwhile: the folder goes all the same
             print(f"could not end the MLflow run of {work}: {e}", file=sys.stderr)
-    print(f"removing {work}: a checkpoint of another configuration", file=sys.stderr)
+    print(f"removing {work}: an unfinished run that is not continued", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
 
 
