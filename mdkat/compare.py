@@ -89,8 +89,8 @@ def runs_table(project: Path | str, experiment: str | None = None, trials: bool 
             "status": run.info.status,
             "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True),
             "model": run.data.params.get("model.name"),
-            "variant": tags.get("report.variant"),
-            "seed": tags.get("report.seed"),
+            "variant": tags.get("variant", tags.get("report.variant")),  # runs before `variant` existed
+            "seed": tags.get("seed", tags.get("report.seed")),
         }
         row.update({k: v for k, v in run.data.metrics.items() if k.startswith(("test_", "best_valid_"))})
         row.update({k: float(v) for k, v in run.data.params.items() if k.startswith("loss.")})

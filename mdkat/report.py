@@ -44,7 +44,7 @@ from mdkat.fingerprint import code_digest, fingerprint
 from mdkat.io import atomic_open, write_json
 from mdkat.metrics import METRICS
 from mdkat.models import model_class, variant_label, variant_values
-from mdkat.tracking import Tracker, flat_params, run_tags
+from mdkat.tracking import Tracker, flat_params, run_tags, what_tags
 from mdkat.training import fit
 
 
@@ -226,7 +226,7 @@ def _log_unit(parent: Tracker, unit: Unit, tags: dict[str, str], row: dict, hist
         flat_params(unit.params),
         {
             **tags,
-            "model": unit.params.model.name,
+            **what_tags(unit.params, unit.variant),
             "report.variant": unit.variant,
             "report.seed": str(unit.seed),
         },

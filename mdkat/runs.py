@@ -25,7 +25,7 @@ from mdkat.fingerprint import fingerprint, identity
 from mdkat.io import atomic_open, write_json
 from mdkat.plots import learning_curves
 from mdkat.redact import redact
-from mdkat.tracking import Tracker, flat_params, run_tags
+from mdkat.tracking import Tracker, flat_params, run_name, run_tags, what_tags
 from mdkat.training import CHECKPOINT, ensure_same_run, fit, load_checkpoint
 
 RUN_RECORD = "mlflow_run.json"
@@ -107,7 +107,12 @@ def train_run(
                     "tuned.trial": str(tuned.get("trial")),
                 }
             )
-        tracker = Tracker.start(params.mlflow.experiment, params.model.name, flat_params(params), tags)
+        tags.update(what_tags(params))
+        tags["mlflow.note.content"] = (
+            f"{params.model.name}, train seed {params.train.seed}, on {data.manifest.get('source')} "
+            f"{data.manifest.get('dataset')} data ({data.manifest_sha256[:12]})"
+        )
+        tracker = Tracker.start(params.mlflow.experiment, run_name(params), flat_params(params), tags)
         work.mkdir(parents=True, exist_ok=True)
         write_json(work / RUN_RECORD, tracker.record())
     write_json(out_dir / RUN_RECORD, tracker.record())

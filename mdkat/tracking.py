@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import getpass
 import json
 import os
+import platform
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -109,6 +112,13 @@ def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
     )
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return "unknown"
+
+
 def _git(*args: str) -> str | None:
     try:
         result = subprocess.run(
@@ -119,9 +129,101 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _torch_math() -> str:
+    """The math libraries torch was built with (MKL, oneDNN), from its build configuration."""
+    import torch
+
+    wanted = ("Math Kernel Library", "MKL-DNN", "oneDNN", "OpenMP")
+    lines = [line.strip(" -") for line in torch.__config__.show().splitlines()]
+    return "; ".join(line for line in lines if any(w in line for w in wanted))[:500]
+
+
+def environment_tags() -> dict[str, str]:
+    """What produced a number besides the code: library versions, the CPU and its instruction-set level, the
+    math kernels of numpy and torch, torch's threads, and on CUDA the GPU, its driver and CUDA version.
+
+    The same commit gives other bytes on another CPU (its BLAS kernel rounds differently): these tags say
+    which machine a run's numbers come from.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    import numpy as np
+    import torch
+    from threadpoolctl import threadpool_info
+
+    tags = {"env.python": platform.python_version(), "env.numpy": np.__version__}
+    for package in ("torch", "mlflow", "optuna", "dvc", "transformers"):
+        try:
+            tags[f"env.{package}"] = version(package)
+        except PackageNotFoundError:
+            tags[f"env.{package}"] = "not installed"
+    tags["env.cpu"] = _cpu_model()
+    tags["env.cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512
+    tags["env.torch_threads"] = str(torch.get_num_threads())
+    tags["env.torch_math"] = _torch_math()
+    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    tags["env.numpy_blas"] = (
+        "; ".join(f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')})" for i in blas)
+        or "unknown"
+    )
+    if torch.cuda.is_available():
+        tags["env.gpu"] = torch.cuda.get_device_name()
+        tags["env.cuda"] = str(torch.version.cuda)
+        tags["env.gpu_driver"] = _nvidia_driver()
+    return tags
+
+
+def _nvidia_driver() -> str:
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def run_name(params: Params) -> str:
+    """A train run's name, by what ran: model, seed and the DVC experiment if any (`mdkat s1111 exp-3f2a`)."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    return f"{params.model.name} s{params.train.seed}" + (f" {experiment}" if experiment else "")
+
+
+def what_tags(params: Params, variant: str | None = None) -> dict[str, str]:
+    """The tags every run has, to group and filter the runs table by: model, variant, seed, data source."""
+    return {
+        "model": params.model.name,
+        "variant": variant or params.model.name,
+        "seed": str(params.train.seed),
+        "data.source": params.data.source,
+    }
+
+
 def run_tags(manifest: Mapping[str, Any] | None = None, manifest_sha256: str | None = None) -> dict[str, str]:
-    """Provenance tags: git commit and dirty flag, DVC stage / experiment, the data's identity."""
-    tags = {"git.commit": _git("rev-parse", "HEAD") or "unknown"}
+    """Provenance tags: git commit and dirty flag (also as MLflow's own source tags, which the UI shows as
+    Source and Created by), DVC stage / experiment, the data's identity, the environment."""
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    tags = {
+        "git.commit": commit,
+        "mlflow.source.git.commit": commit,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+        "mlflow.user": _user(),
+        **environment_tags(),
+    }
     status = _git("status", "--porcelain", "--untracked-files=no")
     tags["git.dirty"] = "unknown" if status is None else str(bool(status)).lower()
     for variable in ("DVC_STAGE", "DVC_EXP_NAME"):

@@ -103,7 +103,8 @@ def test_runs_table_has_the_training_run_with_its_test_metrics(project):
     train = runs[runs["run_id"] == project.train_run_id]
     assert len(train) == 1
     row = train.iloc[0]
-    assert (row["run_name"], row["kind"], row["model"]) == ("mdkat", "train", "mdkat")
+    assert (row["run_name"], row["kind"], row["model"]) == ("mdkat s1111", "train", "mdkat")
+    assert (row["variant"], row["seed"]) == ("mdkat", "1111")
     assert row["status"] == "FINISHED"
     for name, value in project.test_metrics.items():
         assert row[f"test_{name}"] == pytest.approx(value, rel=1e-12, abs=0.0)

@@ -34,7 +34,7 @@ from mlflow.tracking import MlflowClient
 
 import mdkat.runs
 from mdkat import MODALITIES
-from mdkat.config import Params, chosen_flat_dict, with_values
+from mdkat.config import Params, chosen_flat_dict, load_params, with_values
 from mdkat.data import load_prepared
 from mdkat.data.prepare import prepare
 from mdkat.errors import MdkatError
@@ -149,6 +149,45 @@ def test_tags_name_the_commit_the_data_and_the_dvc_stage(tracked):
     assert tags["data.source"] == "synthetic"
     assert tags["dvc.stage"] == "train"
     assert "dvc.exp.name" not in tags
+
+
+def test_runs_are_named_by_what_ran_and_carry_mlflow_source_tags_and_the_environment(tracked):
+    import platform
+
+    import torch
+
+    run = tracked.client.get_run(tracked.run_id)
+    tags = run.data.tags
+    params = tracked.params
+    assert run.info.run_name == f"{params.model.name} s{params.train.seed}"  # no DVC experiment here
+    # what the UI shows as Source and Created by, and the one-line description
+    assert tags["mlflow.source.git.commit"] == tags["git.commit"]
+    assert tags["mlflow.source.name"] and tags["mlflow.user"]
+    assert (
+        params.model.name in tags["mlflow.note.content"]
+        and str(params.train.seed) in tags["mlflow.note.content"]
+    )
+    # what every run is grouped by
+    assert {k: tags[k] for k in ("model", "variant", "seed", "data.source")} == {
+        "model": params.model.name,
+        "variant": params.model.name,
+        "seed": str(params.train.seed),
+        "data.source": "synthetic",
+    }
+    # which machine the numbers come from
+    assert tags["env.python"] == platform.python_version() and tags["env.torch"] == torch.__version__
+    assert tags["env.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert tags["env.numpy_blas"] != "unknown" and "Math Kernel Library" in tags["env.torch_math"]
+    assert int(tags["env.torch_threads"]) >= 1 and tags["env.cpu"]
+    assert ("env.gpu" in tags) == torch.cuda.is_available()
+
+
+def test_a_dvc_experiments_name_is_in_the_run_name(monkeypatch):
+    from mdkat.tracking import run_name
+
+    params = load_params(ROOT / "params.yaml")
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-3f2a")
+    assert run_name(params) == "mdkat s1111 exp-3f2a"
 
 
 def test_each_epoch_is_logged_at_its_step_with_the_values_of_history_csv(tracked):
