@@ -113,6 +113,7 @@ def train_run(
             f"{data.manifest.get('dataset')} data ({data.manifest_sha256[:12]})"
         )
         tracker = Tracker.start(params.mlflow.experiment, run_name(params), flat_params(params), tags)
+        tracker.log_datasets(data.manifest, data_dir)
         work.mkdir(parents=True, exist_ok=True)
         write_json(work / RUN_RECORD, tracker.record())
     write_json(out_dir / RUN_RECORD, tracker.record())

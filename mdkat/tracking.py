@@ -38,6 +38,7 @@ from mdkat.io import project_root
 from mdkat.redact import redact
 
 STORE = "mlflow.db"  # the default store, at the project root
+DATASET_DIGEST = 32  # hex characters of a split's SHA-256: MLflow stores at most 36
 
 # Every HTTP call MLflow makes is bounded (MLflow reads these at each request; a value the user exported
 # wins): a server that answers /health but fails or hangs on its API ends a stage in well under a minute,
@@ -339,6 +340,27 @@ class Tracker:
                 client.log_artifacts(self.run_id, str(path), artifact_path)
             elif path.exists():
                 client.log_artifact(self.run_id, str(path), artifact_path)
+
+    @_on_server
+    def log_datasets(self, manifest: Mapping[str, Any], data_dir: str | Path) -> None:
+        """Each split of the prepared data as a dataset input (context train/valid/test), so that the runs
+        table's Datasets column shows which data a run saw: named `<source>/<dataset>/<split>`, digested
+        by a prefix of the split file's SHA-256 (MLflow keeps 36 characters; the full manifest hash is the
+        `data.manifest_sha256` tag), profiled with its sample count."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for split, count in manifest["counts"].items():
+            file = Path(data_dir).resolve() / f"{split}.npz"
+            dataset = Dataset(
+                name=f"{manifest.get('source')}/{manifest.get('dataset')}/{split}",
+                digest=manifest["files"][file.name][:DATASET_DIGEST],
+                source_type="local",
+                source=json.dumps({"uri": file.as_uri()}),
+                profile=json.dumps({"num_samples": count, "aligned": bool(manifest.get("aligned"))}),
+            )
+            inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", split)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     @_on_server
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:

@@ -182,6 +182,21 @@ def test_runs_are_named_by_what_ran_and_carry_mlflow_source_tags_and_the_environ
     assert ("env.gpu" in tags) == torch.cuda.is_available()
 
 
+def test_each_split_is_a_dataset_input_with_its_context_digest_and_count(tracked):
+    run = tracked.client.get_run(tracked.run_id)
+    manifest = json.loads((tracked.data_dir / "manifest.json").read_text())
+    found = {
+        {t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset for i in run.inputs.dataset_inputs
+    }
+    assert sorted(found) == ["test", "train", "valid"]
+    for split, dataset in found.items():
+        full = hashlib.sha256((tracked.data_dir / f"{split}.npz").read_bytes()).hexdigest()
+        assert dataset.digest == full[:32] and full.startswith(dataset.digest)
+        assert dataset.name == f"synthetic/{manifest['dataset']}/{split}"
+        assert json.loads(dataset.profile)["num_samples"] == manifest["counts"][split]
+        assert json.loads(dataset.source)["uri"].endswith(f"/{split}.npz")
+
+
 def test_a_dvc_experiments_name_is_in_the_run_name(monkeypatch):
     from mdkat.tracking import run_name
 
