@@ -168,6 +168,7 @@ class MlflowConfig(Section):
     """Where runs are recorded (the tracking URI comes from MLFLOW_TRACKING_URI, see mdkat.tracking)."""
 
     experiment: str
+    registered_model: str  # train registers each model as a new version of this registered model
 
 
 class SearchRange(Section):

@@ -10,6 +10,7 @@ metrics, predictions and figures into the same run, and on synthetic data the di
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from mdkat.fingerprint import fingerprint, identity
 from mdkat.io import atomic_open, write_json
 from mdkat.plots import learning_curves
 from mdkat.redact import redact
+from mdkat.registry import CANDIDATE, register, set_alias
 from mdkat.tracking import Tracker, flat_params, run_name, run_tags, what_tags
 from mdkat.training import CHECKPOINT, ensure_same_run, fit, load_checkpoint
 
@@ -149,7 +151,15 @@ def train_run(
         )
         from mdkat.serving import log_model
 
-        log_model(tracker.uri, tracker.run_id, out_dir / "model.pt")
+        model_uri = log_model(tracker.uri, tracker.run_id, out_dir / "model.pt")
+        version = register(
+            tracker.uri,
+            params.mlflow.registered_model,
+            model_uri,
+            tracker.run_id,
+            {**what_tags(params), "data.manifest_sha256": data.manifest_sha256},
+        )
+        write_json(out_dir / RUN_RECORD, {**tracker.record(), "model_version": version})
     shutil.rmtree(work)  # done: nothing to resume
     return {
         "run_id": tracker.run_id,
@@ -174,6 +184,9 @@ def evaluate_run(
     if result.manifest.get("source") == "synthetic":  # the truth is known: measure the modules against it
         diagnostics = diagnose_files(params, data_dir, model_file)
     if tracker is not None:
+        version = json.loads(record.read_text()).get("model_version")
+        if version is not None:  # the version this evaluation vouches for
+            set_alias(tracker.uri, params.mlflow.registered_model, CANDIDATE, version)
         tracker.log_metrics(result.report["test"], prefix="test_")
         if "fraction_of_oracle" in result.report:
             tracker.log_metrics(result.report["fraction_of_oracle"], prefix="test_fraction_of_oracle_")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow.entities import LoggedModelStatus
@@ -286,6 +287,7 @@ def test_the_run_finishes_and_its_id_is_recorded_next_to_the_model(tracked):
         "run_id": tracked.run_id,
         "experiment_id": info.experiment_id,
         "tracking_uri": tracked.uri,
+        "model_version": "1",  # the registered model's version of this training (the store's first)
     }
     assert tracked.client.get_experiment(info.experiment_id).name == tracked.params.mlflow.experiment
 
@@ -683,3 +685,36 @@ def test_a_degraded_tracking_server_ends_training_within_a_minute_in_one_line(ti
     assert "\n" not in message and f"http://admin:***@127.0.0.1:{server.server_address[1]}" in message
     assert "hunter22" not in message and "failed" in message
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_train_registers_a_version_evaluate_makes_it_candidate_and_promote_makes_the_best_champion(
+    tracked, monkeypatch
+):
+    from mdkat.registry import promote
+
+    name = tracked.params.mlflow.registered_model
+    client = tracked.client
+    # logged-model URIs (models:/m-...) resolve through the global tracking URI
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
+    mlflow.set_tracking_uri(tracked.uri)
+    record = json.loads((tracked.out / RUN_RECORD).read_text())
+    version = client.get_model_version(name, record["model_version"])
+    manifest_sha = hashlib.sha256((tracked.data_dir / "manifest.json").read_bytes()).hexdigest()
+    assert version.run_id == tracked.run_id
+    assert version.tags["data.manifest_sha256"] == manifest_sha and version.tags["model"] == "mdkat"
+    assert client.get_model_version_by_alias(name, "candidate").version == version.version
+    # a second, worse version on other data never becomes champion for this data
+    other = client.create_model_version(
+        name, version.source, tracked.run_id, tags={"data.manifest_sha256": "x"}
+    )
+    assert promote(tracked.uri, name, manifest_sha) == str(version.version)
+    assert client.get_model_version_by_alias(name, "champion").version == version.version != other.version
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    data = load_prepared(tracked.data_dir, splits=("test",)).test
+    inputs = {m: data.features(m).numpy() for m in MODALITIES}
+    inputs.update({f"{m}_len": data.lengths(m).numpy() for m in MODALITIES})
+    predictions = np.asarray(model.predict(inputs))
+    written = pd.read_csv(tracked.plots / "predictions.csv")["prediction"].to_numpy()
+    np.testing.assert_allclose(predictions, written, atol=1e-5)
+    with pytest.raises(MdkatError, match="no version trained on data"):
+        promote(tracked.uri, name, "0" * 64)
