@@ -13,7 +13,9 @@ params and tags, `best.yaml`, manifests). It covers what the parsers in use acce
 
 from __future__ import annotations
 
+import base64
 import re
+import urllib.parse
 from typing import Any
 
 # a URL runs to the next whitespace: a password may hold quotes, so a quote cannot end it (a quoted URL
@@ -42,3 +44,15 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         return _URL.sub(_redact_url, value)
     return value
+
+
+def basic_auth(url: str) -> tuple[str, dict[str, str]]:
+    """`url` without its userinfo, and the HTTP Basic header that carries it: urllib would take
+    `user:password@` for part of the host name and sends no credentials itself."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, {}
+    host = parts.netloc.rpartition("@")[2]
+    login = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    token = base64.b64encode(login.encode()).decode("ascii")
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), {"Authorization": f"Basic {token}"}

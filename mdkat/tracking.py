@@ -15,7 +15,6 @@ in URLs are replaced by `***` (`mdkat.redact`) before anything is logged.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import getpass
 import json
@@ -35,7 +34,7 @@ from typing import Any
 from mdkat.config import Params, chosen_flat_dict
 from mdkat.errors import MdkatError
 from mdkat.io import project_root
-from mdkat.redact import redact
+from mdkat.redact import basic_auth, redact
 
 STORE = "mlflow.db"  # the default store, at the project root
 DATASET_DIGEST = 32  # hex characters of a split's SHA-256: MLflow stores at most 36
@@ -90,14 +89,9 @@ def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
     """Fail fast, naming the URI, when an HTTP tracking server does not answer `/health`."""
     if not uri.startswith(("http://", "https://")):
         return
-    # urllib takes `user:password@` for part of the host name: send it as Basic auth, as MLflow's client does
-    parts = urllib.parse.urlsplit(uri.rstrip("/") + "/health")
-    request = urllib.request.Request(
-        urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    )
-    if parts.username is not None:
-        login = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    # credentials go as Basic auth, as MLflow's client sends them
+    plain, headers = basic_auth(uri.rstrip("/") + "/health")
+    request = urllib.request.Request(plain, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             if response.status == 200:

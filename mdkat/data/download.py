@@ -9,7 +9,6 @@ later call trust an existing file without touching the network.
 
 from __future__ import annotations
 
-import base64
 import http.client
 import os
 import posixpath
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from mdkat.errors import MdkatError
 from mdkat.io import atomic_open, sha256_file
-from mdkat.redact import redact
+from mdkat.redact import basic_auth, redact
 
 CHUNK = 1 << 20
 MAX_BACKOFF_S = 60.0
@@ -160,7 +159,7 @@ def _fetch(url: str, part: Path, timeout_s: float, progress: bool) -> None:
     """One attempt: bring `part` up to the whole remote file, continuing from its current size."""
     while True:
         offset = part.stat().st_size if part.exists() else 0
-        plain, headers = _basic_auth(url)
+        plain, headers = basic_auth(url)
         if offset:
             headers["Range"] = f"bytes={offset}-"
         try:
@@ -194,18 +193,6 @@ def _fetch(url: str, part: Path, timeout_s: float, progress: bool) -> None:
             raise _Transient("the server sent part of the file when asked for all of it")
         # A partial reply that does not continue the part (no or a later start offset): start over.
         part.unlink()
-
-
-def _basic_auth(url: str) -> tuple[str, dict[str, str]]:
-    """`url` without its userinfo, and the HTTP Basic header that carries it (urllib sends none itself)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None:
-        return url, {}
-    host = parts.netloc.rpartition("@")[2]
-    user = urllib.parse.unquote(parts.username)
-    password = urllib.parse.unquote(parts.password or "")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-    return urllib.parse.urlunsplit(parts._replace(netloc=host)), {"Authorization": f"Basic {token}"}
 
 
 def _stream(response: http.client.HTTPResponse, part: Path, offset: int, progress: bool) -> bool:
