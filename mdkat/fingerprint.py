@@ -19,34 +19,60 @@ from mdkat.config import Params, chosen_flat_dict
 
 # what a run's result depends on; tune/mlflow/report/ci settings do not change a trained model
 _RUN_SECTIONS = ("data", "model", "loss", "train")
-# the code that shapes a run and its numbers (relative to the package): a committed run never outlives it
+# the code that shapes every run and its numbers (relative to the package): a committed run never outlives it
 _RUN_CODE = (
-    "models",
     "training.py",
     "data/batch.py",
     "data/synthetic.py",
     "metrics.py",
     "evaluation.py",
     "diagnose.py",
+    "models/__init__.py",  # the registry and `build`; read, not followed (it imports every model)
+    "models/bert.py",  # `build` wraps any model in it when model.text_encoder is bert
 )
+_MODELS = "mdkat.models"
 
 
-def code_digest() -> str:
-    """SHA-256 over the code of the files that shape a report run (`_RUN_CODE`), in a fixed order.
+def code_digest(model: str | None = None) -> str:
+    """SHA-256 over the code that shapes a run of `model`, in a fixed order: `_RUN_CODE` and the model's
+    module with every module of `mdkat.models` it imports, directly or not (every model when None).
 
     The code, not the text: each file's syntax tree without its docstrings, so that a comment or a
-    docstring edited does not throw an hour of results away, and any change of what runs does.
+    docstring edited does not throw an hour of results away, and any change of what runs does. Per model,
+    so that a change to one baseline retrains that baseline, not the whole models table.
     """
     package = Path(__file__).parent
-    files = sorted(
-        f
-        for entry in _RUN_CODE
-        for f in ([package / entry] if entry.endswith(".py") else (package / entry).rglob("*.py"))
-    )
+    if model is None:
+        models = set((package / "models").glob("*.py"))
+    else:
+        from mdkat.models import REGISTRY  # here: the registry imports every model
+
+        models = model_files(package, REGISTRY[model].__module__)
+    files = sorted({package / entry for entry in _RUN_CODE} | models)
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.relative_to(package).as_posix().encode() + b"\0" + _code(f.read_text()) + b"\0")
     return digest.hexdigest()
+
+
+def model_files(package: Path, module: str) -> set[Path]:
+    """The file of `module` (a `mdkat.models` submodule) and of every submodule it imports, transitively."""
+    found: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = package.parent / (name.replace(".", "/") + ".py")
+        if path in found or not path.is_file() or name == _MODELS:
+            continue
+        found.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == _MODELS:  # from mdkat.models import x
+                todo += [f"{_MODELS}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(_MODELS + "."):
+                todo.append(node.module)
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith(_MODELS + ".")]
+    return found
 
 
 def _code(source: str) -> bytes:
@@ -61,10 +87,10 @@ def _code(source: str) -> bytes:
 
 
 def identity(params: Params, manifest_sha256: str, code: str | None = None) -> dict[str, Any]:
-    """{"params": dotted values, "data": manifest SHA-256, "code": `code_digest()`} of one run."""
+    """{"params": dotted values, "data": manifest SHA-256, "code": `code_digest` of its model} of one run."""
     relevant = {k: v for k, v in chosen_flat_dict(params).items() if k.split(".", 1)[0] in _RUN_SECTIONS}
     relevant.pop("train.device", None)  # a GPU run answers the same question
-    return {"params": relevant, "data": manifest_sha256, "code": code or code_digest()}
+    return {"params": relevant, "data": manifest_sha256, "code": code or code_digest(params.model.name)}
 
 
 def fingerprint(params: Params, manifest_sha256: str, code: str | None = None) -> str:

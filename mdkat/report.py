@@ -175,10 +175,10 @@ def report(
     }
     # on synthetic data every run is also measured against the truth (mdkat.diagnose)
     truth = regenerate_truth(data, str(data_dir)) if data.manifest.get("source") == "synthetic" else None
-    code = code_digest()
+    code = {m: code_digest(m) for m in {p.model.name for _, _, p in planned}}
     todo = []
     for i, (variant, seed, p) in enumerate(planned, 1):
-        name, key = f"{variant}-{seed}", fingerprint(p, data.manifest_sha256, code)
+        name, key = f"{variant}-{seed}", fingerprint(p, data.manifest_sha256, code[p.model.name])
         result_file = out_dir / "runs" / f"{name}.json"
         if result_file.exists() and json.loads(result_file.read_text()).get("fingerprint") == key:
             print(f"[{i}/{len(planned)}] {name}: done before", file=sys.stderr)

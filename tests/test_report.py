@@ -271,3 +271,26 @@ def test_the_code_digest_follows_the_code_not_its_comments_or_docstrings():
     b = '"""Module doc."""\n\n\ndef f(x):\n    """Other doc."""\n    # another comment\n    return x + 1\n'
     c = 'def f(x):\n    """Doc."""\n    return x + 2\n'
     assert _code(a) == _code(b) != _code(c)
+
+
+def test_each_model_s_code_digest_reads_its_own_imports_and_not_the_other_models(tmp_path):
+    from mdkat.fingerprint import model_files
+
+    models = tmp_path / "mdkat" / "models"
+    models.mkdir(parents=True)
+    (models / "__init__.py").write_text("from mdkat.models.a import A\nfrom mdkat.models.c import C\n")
+    (models / "a.py").write_text("from mdkat.models import shared\nfrom mdkat.models.b import f\nA = 1\n")
+    (models / "b.py").write_text("import mdkat.models.shared\n\ndef f():\n    import torch\n")
+    # shared.py imports from the package (__init__), which is never followed
+    (models / "shared.py").write_text("from mdkat.models import model_class\nX = 0\n")
+    (models / "c.py").write_text("C = 2\n")
+    found = model_files(tmp_path / "mdkat", "mdkat.models.a")
+    assert {p.name for p in found} == {"a.py", "b.py", "shared.py"}
+    assert {p.name for p in model_files(tmp_path / "mdkat", "mdkat.models.c")} == {"c.py"}
+
+    from mdkat.fingerprint import code_digest
+    from mdkat.models import REGISTRY
+
+    digests = {name: code_digest(name) for name in REGISTRY}
+    assert len(set(digests.values())) == len(REGISTRY)  # each model its own code
+    assert code_digest() not in digests.values()  # None: every model's code at once

@@ -133,10 +133,10 @@ def test_text_embeds_the_lstm_state_after_the_last_valid_word():
     with torch.no_grad():
         out = model(batch)
         for b in range(len(batch)):
-            x = (batch.text[b, : batch.text_len[b]] - p.in_mean) * p.in_scale  # (L, d_t), one sample alone
-            _, (h, _) = model.lstm(x[None])
+            x = p.normalise(batch.text[b, : batch.text_len[b]])  # (L, k_t), one sample alone
+            _, (h, _) = model.text.lstm(x[None])
             torch.testing.assert_close(
-                out.embedded["text"][b], model.text_out(h[-1, 0]), rtol=1e-5, atol=1e-6
+                out.embedded["text"][b], model.text.linear(h[-1, 0]), rtol=1e-5, atol=1e-6
             )
 
 
@@ -204,7 +204,9 @@ def test_state_dict_round_trip_keeps_outputs_and_statistics():
         assert not torch.equal(model.projection[m].in_mean, torch.zeros_like(model.projection[m].in_mean))
     state = model.state_dict()
     for m in MODALITIES:
-        assert f"projection.{m}.in_mean" in state and f"projection.{m}.in_scale" in state
+        assert f"projection.{m}.in_mean" in state
+    assert "projection.text.in_basis" in state  # the default whitens the text to principal components
+    assert "projection.audio.in_scale" in state and "projection.vision.in_scale" in state
     assert not any("conv" in k for k in state)  # the standardisation carries no convolution
 
     torch.manual_seed(1)

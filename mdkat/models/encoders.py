@@ -142,6 +142,43 @@ class Projection(nn.Module):
         return h + sinusoidal_positions(h.shape[1], h.shape[2], h.device, h.dtype)
 
 
+class InputNormalisation(Projection):
+    """`Projection`'s train-split standardisation or whitening alone: (B, T, d_m) -> (B, T, size).
+
+    For models whose own subnetworks (LSTMs, averaging MLPs) read the features: no dropout, convolution
+    or positions. A `Projection`, so that `fit_input_statistics` fills it as it fills every projection.
+    Padded steps become zero whatever they held (a where, not a product: garbage may be inf or nan).
+    """
+
+    def __init__(self, d_in: int, components: int = 0):
+        super().__init__(d_in, 1, 1, 0.0, components)
+        del self.conv
+        self.size = self.components or d_in
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return torch.where(mask.unsqueeze(-1), self.normalise(x), 0.0)  # (B, T, size)
+
+
+class LastState(nn.Module):
+    """A one-layer LSTM over the valid steps (packed), its final state, dropout and a linear layer:
+    (B, T, d_in) -> (B, out). TFN's language subnetwork, which Self-MM reuses for audio and vision."""
+
+    def __init__(self, d_in: int, hidden: int, out: int, dropout: float):
+        super().__init__()
+        self.lstm = nn.LSTM(d_in, hidden, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden, out)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """x zero after each length; a sample of length 0 reads one zero step."""
+        # pack_padded_sequence takes its lengths on the host: the one device sync of the models using it
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        _, (state, _) = self.lstm(packed)  # (1, B, hidden), in the batch's order
+        return self.linear(self.dropout(state[-1]))  # (B, out)
+
+
 def projections(cfg: EncoderConfig, dims: dict[str, int]) -> nn.ModuleDict:
     """One `Projection` per modality, from its feature size `dims[m]` to the model width."""
     return nn.ModuleDict(

@@ -55,7 +55,7 @@ from mdkat.config import PerModalityCount, Positive, Probability, Section
 from mdkat.data import Batch
 from mdkat.models import losses
 from mdkat.models.base import Model, ModelOutput, weighted_total
-from mdkat.models.encoders import Projection, valid_mask
+from mdkat.models.encoders import InputNormalisation, valid_mask
 
 
 class MISAConfig(Section):
@@ -102,22 +102,6 @@ def difference(a: Tensor, b: Tensor) -> Tensor:
         a = F.normalize(a.float() - a.float().mean(0), dim=1, eps=1e-6)
         b = F.normalize(b.float() - b.float().mean(0), dim=1, eps=1e-6)
         return (a.T @ b).pow(2).mean()
-
-
-class InputNormalisation(Projection):
-    """`Projection`'s train-split standardisation or whitening alone: (B, T, d_m) -> (B, T, k_m).
-
-    A `Projection`, so that `fit_input_statistics` fills it; without the convolution and positions, since
-    the LSTM that reads it projects and orders the steps itself.
-    """
-
-    def __init__(self, d_in: int, components: int):
-        super().__init__(d_in, 1, 1, 0.0, components)
-        del self.conv
-        self.size = self.components or d_in
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        return self.normalise(x) * mask.unsqueeze(-1).to(x.dtype)
 
 
 class StackedLSTM(nn.Module):

@@ -75,7 +75,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from mdkat import MODALITIES
 from mdkat.config import (
@@ -90,7 +89,7 @@ from mdkat.config import (
 from mdkat.data import Batch
 from mdkat.models import losses
 from mdkat.models.base import Model, ModelOutput, weighted_total
-from mdkat.models.encoders import Projection, masked_mean, valid_mask
+from mdkat.models.encoders import InputNormalisation, LastState, masked_mean, valid_mask
 
 SEQUENTIAL = ("audio", "vision")  # read by an LSTM
 REPRESENTATIONS = ("fusion", *MODALITIES)  # F_f, F_t, F_a, F_v: what the ULGM measures
@@ -134,36 +133,6 @@ class SelfMMOutput(ModelOutput):
 
     fused: Tensor | None = None  # (B, fusion_dim) F_f
     targets: dict[str, Tensor] = field(default_factory=dict)  # (B,) y_s^m, the human label in eval mode
-
-
-class Standardise(Projection):
-    """`Projection`'s train-split normalisation alone (no convolution, no positions): (B, T, d_m) ->
-    (B, T, k), zero on padded steps; `fit_input_statistics` finds it as it finds every projection."""
-
-    def __init__(self, d_in: int, components: int):
-        super().__init__(d_in, 1, 1, 0.0, components)
-        self.conv = None  # the subnetworks read the normalised features themselves
-        self.out_dim = self.components or d_in
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        return self.normalise(x) * mask.unsqueeze(-1).to(x.dtype)
-
-
-class LastState(nn.Module):
-    """A one-layer LSTM over the valid steps (packed), its final state, dropout and a linear layer."""
-
-    def __init__(self, d_in: int, hidden: int, out: int, dropout: float):
-        super().__init__()
-        self.lstm = nn.LSTM(d_in, hidden, batch_first=True)
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(hidden, out)
-
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        """x (B, T, d) zero after each length -> (B, out); a sample of length 0 reads one zero step."""
-        # pack_padded_sequence takes its lengths on the host: the one device sync of this model
-        packed = pack_padded_sequence(x, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
-        _, (state, _) = self.lstm(packed)  # (1, B, hidden), in the batch's order
-        return self.linear(self.dropout(state[-1]))
 
 
 def head(width: int) -> nn.Sequential:
@@ -276,14 +245,14 @@ class SelfMM(Model):
         out, post = cfg.encoder_out, cfg.post_dim
         self.text_pooling = cfg.text_pooling
         self.normalise = nn.ModuleDict(
-            {m: Standardise(dims[m], getattr(cfg.input_pca, m)) for m in MODALITIES}
+            {m: InputNormalisation(dims[m], getattr(cfg.input_pca, m)) for m in MODALITIES}
         )
         self.text_dropout = nn.Dropout(cfg.text_dropout)
-        self.text = nn.Linear(self.normalise["text"].out_dim, out.text)
+        self.text = nn.Linear(self.normalise["text"].size, out.text)
         self.sequential = nn.ModuleDict(
             {
                 m: LastState(
-                    self.normalise[m].out_dim,
+                    self.normalise[m].size,
                     getattr(cfg.lstm_hidden, m),
                     getattr(out, m),
                     getattr(cfg.lstm_dropout, m),
