@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import multiprocessing
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,23 @@ class Unit:
     threads: int | None  # torch threads in a worker process; None: leave the process's setting
 
 
+def claim_work(work: Path, key: str) -> bool:
+    """Make `work` the folder of the run with fingerprint `key`; True when it holds that run's checkpoint.
+
+    A folder of another configuration is emptied before the new fingerprint is written: the fingerprint
+    file is written for every planned unit before any trains, so a report killed early must not leave an
+    old checkpoint under the new fingerprint.
+    """
+    stale = work / "fingerprint"
+    if stale.exists() and stale.read_text() == key:
+        return True
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    stale.write_text(key)
+    return False
+
+
 def run_unit(unit: Unit) -> dict[str, Any]:
     """Train and test one unit (and diagnose it against the truth, when there is one); its result row."""
     if unit.threads is not None:
@@ -184,10 +202,7 @@ def report(
             print(f"[{i}/{len(planned)}] {name}: done before", file=sys.stderr)
             continue
         work = out_dir / "work" / name
-        stale = work / "fingerprint"
-        resume = stale.exists() and stale.read_text() == key  # never resume another configuration
-        work.mkdir(parents=True, exist_ok=True)
-        stale.write_text(key)
+        resume = claim_work(work, key)
         threads = 1 if workers > 1 else None
         todo.append(Unit(variant, seed, p, key, str(data_dir), work, resume, truth, threads))
     print(f"{len(todo)} of {len(planned)} runs to train, {workers} worker(s)", file=sys.stderr)

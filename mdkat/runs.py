@@ -179,6 +179,14 @@ def evaluate_run(
     """Evaluate on the test split and log it into the training run recorded next to `model_file`."""
     record = Path(model_file).parent / RUN_RECORD
     tracker = Tracker.attach(record) if record.exists() else None
+    if tracker is not None and not tracker.exists():
+        # a model pulled from a DVC remote: its training run lives in the store of the machine that trained it
+        print(
+            f"{record}: run {tracker.run_id} is not in this tracking store ({redact(tracker.uri)}): the "
+            "model was trained elsewhere (pulled from a DVC remote?); test metrics are written, not logged",
+            file=sys.stderr,
+        )
+        tracker = None
     result = evaluate(params, data_dir, model_file, metrics_file, plots_dir)
     diagnostics = None
     if result.manifest.get("source") == "synthetic":  # the truth is known: measure the modules against it

@@ -300,6 +300,19 @@ class Tracker:
         check_reachable(uri)
         return cls(uri, info["run_id"], info["experiment_id"])
 
+    @_on_server
+    def exists(self) -> bool:
+        """Whether this store holds the run (a pulled `mlflow_run.json` may name another machine's)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(self.run_id)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
+
     @property
     def client(self):
         from mlflow.tracking import MlflowClient

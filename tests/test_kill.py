@@ -1,5 +1,6 @@
 """Stages killed with SIGKILL at a chosen point (no cleanup runs), then run again: the outputs equal an
-uninterrupted run's and nothing is left behind. (The tuning stage's kill test is in `test_tuning.py`.)
+uninterrupted run's and nothing is left behind. (The tuning stage's kill test is in `test_tuning.py`, the
+kill under `dvc repro` itself in `test_dvc.py`.)
 
 `killed(code, *args)` runs `code` in a fresh interpreter that kills itself where the code says; the code
 patches the one function whose call marks the point (a split written, an epoch ended).
@@ -121,61 +122,3 @@ def test_train_killed_after_an_epoch_continues_in_its_run_to_an_uninterrupted_ru
     assert (out / "history.csv").read_text().count("\n") == 5
     assert not work.exists() and not list(out.glob(".checkpoint-*"))
 
-
-# installed through PYTHONPATH, so that the stage `dvc repro` starts dies after an epoch, as in TRAIN
-DYING_TRAIN_STAGE = """
-import os, signal
-if os.environ.get("DIE_AFTER_EPOCH"):
-    import mdkat.runs
-    from mdkat.training import fit
-    def dying_fit(*args, on_epoch, **kwargs):
-        def epoch(done, row):
-            on_epoch(done, row)
-            if done == int(os.environ["DIE_AFTER_EPOCH"]):
-                os.kill(os.getpid(), signal.SIGKILL)
-        return fit(*args, on_epoch=epoch, **kwargs)
-    mdkat.runs.fit = dying_fit
-"""
-
-
-def test_dvc_repro_after_the_train_stage_was_killed_continues_it_to_the_uninterrupted_result(
-    tmp_path, monkeypatch
-):
-    from mdkat import ci
-    from mdkat.config import load_params
-    from mdkat.errors import MdkatError
-
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(DYING_TRAIN_STAGE)
-    monkeypatch.setenv("PYTHONPATH", str(hook))
-    monkeypatch.setenv("DIE_AFTER_EPOCH", "2")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    project = tmp_path / "project"
-    with pytest.raises(MdkatError, match="dvc repro of the CI profile failed"):
-        ci.run(project, [*TINY, "train.epochs=4", "tune.n_trials=1", "tune.epochs=1"])
-    (checkpoint,) = (project / "models").glob(".checkpoint-*")  # DVC deleted the outputs, not this
-    assert not (project / "models" / "valid_metrics.json").exists()
-
-    monkeypatch.delenv("DIE_AFTER_EPOCH")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    again = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, capture_output=True, text=True
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming after epoch 2" in again.stderr
-    assert not checkpoint.exists()
-    assert (project / "models" / "history.csv").read_text().count("\n") == 5  # header + epochs 1-4, once
-    status = subprocess.run(
-        [sys.executable, "-m", "dvc", "status"], cwd=project, env=env, capture_output=True, text=True
-    )
-    assert "up to date" in status.stdout, status.stdout
-
-    # the uninterrupted run of the same stage on the same data, in process
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'whole.db'}")
-    monkeypatch.chdir(project)
-    params = load_params(project / "params.yaml", best=project / "tuning" / "best.yaml")
-    whole = train_run(params, project / "data" / "prepared", tmp_path / "whole")
-    resumed = json.loads((project / "models" / "valid_metrics.json").read_text())
-    assert resumed == {**whole["valid"], "best_epoch": whole["best_epoch"], "stopped_early": False}

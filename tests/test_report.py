@@ -120,7 +120,7 @@ def test_run_params_apply_the_variant_seed_and_budget():
     assert fingerprint(p, "x") == fingerprint(with_values(p, {"mlflow.experiment": "other"}), "x")
     # and so is the code that shapes a run: results never outlive the code that made them
     assert fingerprint(p, "x", code="a") != fingerprint(p, "x", code="b")
-    assert fingerprint(p, "x") == fingerprint(p, "x", code=code_digest())
+    assert fingerprint(p, "x") == fingerprint(p, "x", code=code_digest(p.model.name))
 
 
 @pytest.fixture
@@ -294,3 +294,19 @@ def test_each_model_s_code_digest_reads_its_own_imports_and_not_the_other_models
     digests = {name: code_digest(name) for name in REGISTRY}
     assert len(set(digests.values())) == len(REGISTRY)  # each model its own code
     assert code_digest() not in digests.values()  # None: every model's code at once
+
+
+def test_a_work_folder_of_another_configuration_is_emptied_before_it_takes_the_new_fingerprint(tmp_path):
+    from mdkat.report import claim_work
+
+    work = tmp_path / "work" / "mdkat-1"
+    work.mkdir(parents=True)
+    (work / "fingerprint").write_text("old")
+    (work / "checkpoint.pt").write_bytes(b"a run of the old configuration")
+    assert claim_work(work, "new") is False
+    assert sorted(p.name for p in work.iterdir()) == ["fingerprint"]
+    # killed before its first epoch, then run again: the same configuration, so it resumes (nothing yet)
+    assert claim_work(work, "new") is True
+    (work / "checkpoint.pt").write_bytes(b"a run of the new configuration")
+    assert claim_work(work, "new") is True and (work / "checkpoint.pt").exists()
+    assert claim_work(tmp_path / "work" / "fresh", "new") is False

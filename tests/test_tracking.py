@@ -718,3 +718,25 @@ def test_train_registers_a_version_evaluate_makes_it_candidate_and_promote_makes
     np.testing.assert_allclose(predictions, written, atol=1e-5)
     with pytest.raises(MdkatError, match="no version trained on data"):
         promote(tracked.uri, name, "0" * 64)
+
+
+def test_evaluating_a_model_whose_run_is_in_another_store_writes_metrics_and_logs_nothing(
+    tracked, tmp_path, monkeypatch, capsys
+):
+    pulled = tmp_path / "pulled"  # what `dvc pull` gives a colleague: the model and its run record
+    pulled.mkdir()
+    shutil.copy(tracked.out / "model.pt", pulled / "model.pt")
+    record = json.loads((tracked.out / RUN_RECORD).read_text())
+    elsewhere = {**record, "run_id": "f" * 32, "tracking_uri": "sqlite:////elsewhere/mlflow.db"}
+    (pulled / RUN_RECORD).write_text(json.dumps(elsewhere))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
+    monkeypatch.chdir(tracked.root)
+    runs_before = len(tracked.client.search_runs([record["experiment_id"]]))
+
+    result = evaluate_run(
+        tracked.params, tracked.data_dir, pulled / "model.pt", tmp_path / "test.json", tmp_path / "plots"
+    )
+    assert result["run_id"] is None
+    assert json.loads((tmp_path / "test.json").read_text())["test"] == result["test"]
+    assert f"run {'f' * 32} is not in this tracking store" in capsys.readouterr().err
+    assert len(tracked.client.search_runs([record["experiment_id"]])) == runs_before
