@@ -169,6 +169,7 @@ class MlflowConfig(Section):
 
     experiment: str
     registered_model: str  # train registers each model as a new version of this registered model
+    system_metrics: bool  # MLflow's system-metrics monitor on train runs (off: no sampling thread)
 
 
 class SearchRange(Section):

@@ -123,7 +123,7 @@ def train_run(
     def log_epoch(epoch: int, row: dict[str, float]) -> None:
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
-    with tracker.ending():
+    with tracker.ending(), tracker.system_metrics(params.mlflow.system_metrics, resume=continuing):
         result = fit(params, data, out_dir, resume=continuing, on_epoch=log_epoch, checkpoint_dir=work)
         valid = {**result.best_valid, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
         write_json(out_dir / "valid_metrics.json", valid)

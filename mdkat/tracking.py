@@ -397,6 +397,23 @@ class Tracker:
             raise
         self.finish()
 
+    @contextlib.contextmanager
+    def system_metrics(self, enabled: bool, resume: bool = False) -> Iterator[None]:
+        """MLflow's system-metrics monitor on this run during the block (`system/*`: CPU, memory, disk,
+        network, GPU through pynvml); attached by run id, since runs are not started by `mlflow.start_run`.
+        Its sampling interval (10 s) follows MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL."""
+        if not enabled:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
     def record(self) -> dict[str, str]:
         """What `mlflow_run.json` holds (the URI redacted)."""
         return {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": redact(self.uri)}

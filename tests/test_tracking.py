@@ -740,3 +740,17 @@ def test_evaluating_a_model_whose_run_is_in_another_store_writes_metrics_and_log
     assert json.loads((tmp_path / "test.json").read_text())["test"] == result["test"]
     assert f"run {'f' * 32} is not in this tracking store" in capsys.readouterr().err
     assert len(tracked.client.search_runs([record["experiment_id"]])) == runs_before
+
+
+def test_system_metrics_are_logged_into_the_train_run_only_when_switched_on(
+    tiny, store, tmp_path, monkeypatch
+):
+    params, data_dir = tiny
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # several samples in a tiny run
+    client = MlflowClient(store)
+    on = train_run(with_values(params, {"mlflow.system_metrics": True}), data_dir, tmp_path / "on")
+    off = train_run(params, data_dir, tmp_path / "off")
+    sampled = {k for k in client.get_run(on["run_id"]).data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= sampled
+    assert not [k for k in client.get_run(off["run_id"]).data.metrics if k.startswith("system/")]
+    assert params.mlflow.system_metrics is False  # the default: no sampling thread
