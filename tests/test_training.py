@@ -15,7 +15,7 @@ from mdkat.config import ConfigError, load_params
 from mdkat.data import load_prepared
 from mdkat.errors import MdkatError
 from mdkat.evaluation import evaluate, seven_class
-from mdkat.metrics import is_better
+from mdkat.metrics import is_better, regression_metrics
 from mdkat.training import _update_average, fit, load_checkpoint, model_from_file, predict
 from tests.conftest import ROOT, Stop, prepared, stop_after, tiny_params
 
@@ -84,6 +84,38 @@ def test_best_weights_are_kept_and_reload_to_the_same_predictions(tiny, tmp_path
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
     assert {"train_task", "train_ka", "train_kt", "valid_mae", "valid_acc2_non0", "lr"} <= set(rows[0])
+
+
+def test_the_kept_weights_are_the_best_epochs_not_the_last(tiny, tmp_path):
+    _, data_dir = tiny
+    # a high learning rate: the validation MAE is lowest at epoch 2 and worse after
+    params = tiny_params("train.epochs=6", "train.lr=0.02", "train.patience=10")
+    result = _fit(params, data_dir, tmp_path)
+    maes = [row["valid_mae"] for row in result.history]
+    assert result.best_epoch < len(maes) and maes[-1] - min(maes) > 1e-3  # the case in question
+    valid = load_prepared(data_dir, splits=("valid",)).valid
+    kept = model_from_file(tmp_path / "model.pt")  # measured afresh from the file, not from the result
+    mae = regression_metrics(predict(kept, valid, 5), valid.label.numpy())["mae"]
+    assert mae == pytest.approx(maes[result.best_epoch - 1], abs=1e-6)
+
+
+def test_gradients_are_clipped_to_train_grad_clip_at_every_step(tiny, tmp_path, monkeypatch):
+    _, data_dir = tiny
+    clip = 1e-3  # far below any gradient norm of this problem, so that every step is clipped
+    norms = []
+    step = torch.optim.AdamW.step
+
+    def measured_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", measured_step)
+    params = tiny_params(f"train.grad_clip={clip}")
+    _fit(params, data_dir, tmp_path)
+    steps = params.train.epochs * -(-params.data.synthetic.n_train // params.train.batch_size)
+    assert len(norms) == steps == 12
+    np.testing.assert_allclose(norms, clip, rtol=1e-4)
 
 
 def test_early_stopping_stops_after_patience(tiny, tmp_path):

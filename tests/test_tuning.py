@@ -147,7 +147,11 @@ class Study:
 def two_workers(tmp_path_factory, data_dir, empty_store) -> Study:
     root = tmp_path_factory.mktemp("two-workers")
     # a relative path: the journal lands at the project root, for the spawned workers too
-    params = _params(FULL_SPACE, "tune.n_trials=4", "tune.storage=journal:study.journal")
+    # the deadline bounds a worker that miscounts: it stops there and the counts below fail, where it would
+    # otherwise start surplus trials forever
+    params = _params(
+        FULL_SPACE, "tune.n_trials=4", "tune.storage=journal:study.journal", "tune.timeout_s=120"
+    )
     with pytest.MonkeyPatch.context() as mp:
         uri = use_store(root, mp, empty_store)
         result = tune(params, data_dir, root / "best.yaml", workers=2)
