@@ -7,14 +7,14 @@ STAMP := $(VENV)/.installed
 # dvc.yaml runs `python ...`: it must be the environment's interpreter
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: repro test setup
+.PHONY: repro test setup postgres
 repro: setup
 	dvc repro
 
 # the layering contracts (pyproject.toml), the tests on both cores, then the CI profile (ci.overrides in
 # params.yaml) twice in fresh copies: no regression against ci/baseline.json, identical metrics both
 # times, and the comparison notebook runs on its results
-test: setup
+test: setup postgres
 	ruff check .
 	lint-imports
 	pytest -q -n 2 --dist worksteal
@@ -24,6 +24,14 @@ test: setup
 	python -m mdkat.ci notebook --project .ci-runs/first
 
 setup: $(STAMP)
+
+# the PostgreSQL server that the scale-out tests start on loopback (Debian package; the tests run it as the
+# `postgres` user when they run as root): installed when missing, with apt-get when we are root
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "PostgreSQL server missing: sudo apt-get install postgresql" >&2; exit 1; fi; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

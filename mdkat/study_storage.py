@@ -7,6 +7,7 @@ that a dead worker's trial is failed.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from mdkat.errors import MdkatError
@@ -42,7 +43,7 @@ def open_storage(storage: str, heartbeat_s: int, root: str | Path | None = None,
     """An Optuna storage object for a `tune.storage` string (local files are created when missing).
 
     An RDB storage fails the trials of a worker whose heartbeat stops and queues each again with its
-    values, at most `max_retries` times (Optuna's `RetryFailedTrialCallback`).
+    values, at most `max_retries` times (Optuna's `RetryHeartbeatStaleTrialCallback`).
     """
     import optuna
 
@@ -59,9 +60,15 @@ def open_storage(storage: str, heartbeat_s: int, root: str | Path | None = None,
             f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 60}}
         )
     try:
-        return optuna.storages.RDBStorage(
-            storage, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s
-        )
+        with warnings.catch_warnings():  # heartbeats and their retry callback are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
+            return optuna.storages.RDBStorage(
+                storage,
+                heartbeat_interval=heartbeat_s,
+                grace_period=2 * heartbeat_s,
+                heartbeat_stale_trial_callback=retry,
+            )
     except ImportError as e:  # SQLAlchemy imports the database driver when the engine is made
         missing = e.name or getattr(e.__cause__, "name", None) or ""  # Optuna re-raises its own ImportError
         module = missing.split(".")[0]

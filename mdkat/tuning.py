@@ -40,6 +40,7 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,7 @@ def counted(study) -> list:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    # Optuna's RetryFailedTrialCallback records the chain of failed trials a retry stands for
+    # Optuna's RetryHeartbeatStaleTrialCallback records the chain of failed trials a retry stands for
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
     return [
@@ -135,10 +136,13 @@ def counted(study) -> list:
 def fail_stale_running(study, max_retries: int) -> list[int]:
     """Mark RUNNING trials failed (local storages: no worker of a previous invocation is alive) and queue
     each again with its values, at most `max_retries` times, as an RDB storage's heartbeat does."""
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    retry = RetryFailedTrialCallback(max_retry=max_retries)
+    with warnings.catch_warnings():  # marked experimental
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
     stale = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
     for number in stale:
         study.tell(number, state=TrialState.FAIL, skip_if_finished=True)

@@ -146,3 +146,13 @@ def use_store(folder: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) 
 def store(tmp_path, monkeypatch, empty_store) -> str:
     """This test's tracking URI: a fresh sqlite store in tmp_path, which is also the project root."""
     return use_store(tmp_path, monkeypatch, empty_store)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of this test session, on loopback (tests/postgres.py); stopped at the end."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.stop()

@@ -40,6 +40,7 @@ from mdkat.tracking import flat_params
 from mdkat.training import fit
 from mdkat.tuning import WorkerPlan, end_orphaned_runs, run_worker, study_name, tune
 from tests.conftest import ROOT, TINY, use_store
+from tests.postgres import PASSWORD
 
 # trials train on the CPU, where one seed gives identical numbers: a trial can be replayed exactly
 SETTINGS = [*TINY, "train.device=cpu", "tune.epochs=2", "tune.pruner=median"]
@@ -588,3 +589,70 @@ def test_mlflow_runs_a_dead_invocation_left_running_are_ended_killed(store):
     client.set_terminated(done, "FINISHED")
     assert end_orphaned_runs("orphans", "s-1") == [mine]
     assert [client.get_run(r).info.status for r in (mine, other, done)] == ["KILLED", "RUNNING", "FINISHED"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a real PostgreSQL server (tests/postgres.py): workers in other processes share a study through it, a dead
+# worker's trial is failed by its heartbeat and run again, and nothing else differs from a file storage
+
+
+def _fresh_database(postgres, name: str) -> str:
+    """A new empty database on the session's server (one per test: studies of equal name do not meet)."""
+    postgres.psql(f"CREATE DATABASE {name} OWNER tuner")
+    return postgres.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def test_two_workers_on_postgresql_finish_exactly_n_trials_and_no_password_is_shown(
+    postgres, data_dir, store, tmp_path, capfd
+):
+    url = _fresh_database(postgres, "two_workers")
+    params = _params(FULL_SPACE, "tune.n_trials=4", f"tune.storage={url}", "tune.timeout_s=120")
+    result = tune(params, data_dir, tmp_path / "best.yaml", workers=2)
+    trials = _trials(url, result["study_name"])
+    assert len(_counted(trials)) == len(trials) == 4 and result["n_trials"] == 4
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
+    shown = capfd.readouterr()
+    assert PASSWORD not in shown.out + shown.err
+    assert PASSWORD not in (tmp_path / "best.yaml").read_text()
+    client = MlflowClient(store)
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+        assert PASSWORD not in str(run.data.params) + str(run.data.tags), run.info.run_name
+        if "tune.storage" in run.data.params:
+            assert run.data.params["tune.storage"].startswith("postgresql+psycopg://tuner:***@127.0.0.1:")
+
+
+def test_a_worker_killed_mid_trial_is_failed_by_its_heartbeat_and_the_study_ends_as_on_a_file(
+    postgres, data_dir, tmp_path
+):
+    base = [*SETTINGS, FULL_SPACE, "tune.n_trials=3", "tune.pruner=none", "tune.heartbeat_s=1"]
+    on_file = _params(*base, f"tune.storage=journal:{tmp_path / 'whole.journal'}")
+    expected = tune(on_file, data_dir, tmp_path / "whole.yaml", track=False)
+
+    url = _fresh_database(postgres, "killed")
+    cut = [*base, f"tune.storage={url}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    command = [sys.executable, "-c", KILLED_TUNE, "\x1f".join(cut), str(data_dir), str(tmp_path / "cut.yaml")]
+    done = subprocess.run(
+        [*command, "1", str(ROOT / "params.yaml")], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    name = study_name(on_file, load_prepared(data_dir, splits=()).manifest_sha256)
+    assert [t.state for t in _trials(url, name)] == [TrialState.COMPLETE, TrialState.RUNNING]
+
+    time.sleep(3)  # past the grace period (2 heartbeats): the next worker finds the trial's heart stopped
+    resumed = tune(_params(*cut), data_dir, tmp_path / "cut.yaml", track=False)
+    trials = _trials(url, name)
+    assert [t.state for t in trials] == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+    ]
+    assert trials[2].params == trials[1].params  # the dead trial's values, run again in its place
+    assert trials[2].system_attrs["failed_trial"] == trials[1].number
+    # the same study name, the same proposals place by place, the same best file as on a journal file
+    assert resumed == expected
+    assert (tmp_path / "cut.yaml").read_text() == (tmp_path / "whole.yaml").read_text()
+    kept = [t.params for t in trials if t.state == TrialState.COMPLETE]
+    assert kept == [t.params for t in _trials(_journal(tmp_path / "whole.journal"), name)]
+    assert optuna.study.get_all_study_names(url) == [name]
