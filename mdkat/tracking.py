@@ -237,6 +237,19 @@ def flat_params(params: Params) -> dict[str, str]:
     return {key: redact(str(value)) for key, value in chosen_flat_dict(params).items()}
 
 
+def _create_experiment(client, name: str, location: str | None) -> str:
+    """Create experiment `name`; when another process created it meanwhile (workers or ranks starting
+    together on a shared server), use theirs."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
 @dataclass
 class Tracker:
     """One MLflow run, written by run id."""
@@ -273,7 +286,7 @@ class Tracker:
             # would be unreadable by the server and everyone else using it
             remote = uri.startswith(("http://", "https://"))
             location = None if remote else (project_root() / "mlruns").as_uri()
-            experiment_id = client.create_experiment(experiment, artifact_location=location)
+            experiment_id = _create_experiment(client, experiment, location)
         else:
             experiment_id = found.experiment_id
         all_tags = dict(tags)

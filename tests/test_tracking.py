@@ -2,7 +2,8 @@
 
 Each test writes to its own sqlite store in a temporary folder, never to the repository's mlflow.db, and
 runs from that folder: it holds an empty dvc.yaml, which makes it the project root, so the run's
-artifacts land in its mlruns/. One test trains against a real `mlflow server` on 127.0.0.1.
+artifacts land in its mlruns/. The tracking-server tests run a real `mlflow server` on 127.0.0.1 with a
+PostgreSQL backend store (tests/postgres.py), as a team shares one.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from mdkat.errors import MdkatError
 from mdkat.redact import redact
 from mdkat.runs import RUN_RECORD, evaluate_run, train_run
 from mdkat.tracking import HTTP_LIMITS, check_reachable
-from mdkat.training import CHECKPOINT, fit
+from mdkat.training import CHECKPOINT, fit, model_from_file, predict
 from tests.conftest import ROOT, TINY, Stop, prepared, stop_after, tiny_params, use_store
 
 # a loss weight away from params.yaml's, so that the logged value is known whatever that file says
@@ -493,14 +494,15 @@ class Server:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def mlflow_server(tmp_path_factory, empty_store):
-    """A tracking server, started with the module so that its boot (tens of seconds) overlaps the tests."""
+def mlflow_server(tmp_path_factory, postgres):
+    """A tracking server as a team shares one: a PostgreSQL backend store and an artifact root; started
+    with the module so that its boot (tens of seconds, the schema migrations) overlaps the tests."""
     folder = tmp_path_factory.mktemp("server")
-    shutil.copyfile(empty_store, folder / "srv.db")  # saves the server the schema migrations
+    postgres.psql("CREATE DATABASE mlflow OWNER tuner")
     port = _free_port()
     command = [
         *(sys.executable, "-m", "mlflow", "server"),
-        *("--backend-store-uri", f"sqlite:///{folder / 'srv.db'}"),
+        *("--backend-store-uri", postgres.url.rsplit("/", 1)[0] + "/mlflow"),
         *("--artifacts-destination", str(folder / "art")),
         *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
     ]
@@ -530,26 +532,64 @@ def mlflow_server(tmp_path_factory, empty_store):
             os.killpg(process.pid, signal.SIGKILL)  # a worker that outlived the leader
 
 
-def test_a_run_is_recorded_through_a_tracking_server(mlflow_server, tiny, tmp_path, monkeypatch):
+# the train stage's work in a process of its own: argv = params file, overrides (\x1f-joined), data, out
+TRAIN_PROCESS = """
+import sys
+from mdkat.checks import load_checked
+from mdkat.runs import train_run
+train_run(load_checked(sys.argv[1], sys.argv[2].split("\\x1f")), sys.argv[3], sys.argv[4])
+"""
+
+
+def test_two_processes_log_at_once_to_a_shared_tracking_server(mlflow_server, tiny, tmp_path):
     mlflow_server.wait_until_healthy()
     params, data_dir = tiny
     (tmp_path / "dvc.yaml").touch()
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    result = train_run(params, data_dir, tmp_path / "out")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "OMP_NUM_THREADS": "1"}
+    env.pop("DVC_STAGE", None)
+    workers = {
+        seed: subprocess.Popen(
+            [
+                *(sys.executable, "-c", TRAIN_PROCESS, str(ROOT / "params.yaml")),
+                "\x1f".join([*TINY, *SETTINGS, f"train.seed={seed}"]),
+                *(str(data_dir), str(tmp_path / f"out{seed}")),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    }
+    for worker in workers.values():
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
 
     client = MlflowClient(mlflow_server.url)
-    run = client.get_run(result["run_id"])
-    assert run.info.status == "FINISHED"
-    assert run.data.params["model.mdkat.width"] == "16" and run.data.params["loss.mdkat.ka"] == "0.25"
-    history = _history(tmp_path / "out" / "history.csv")
-    logged = _steps(client, run.info.run_id, "valid_mae")
-    assert logged == [(int(row["epoch"]), row["valid_mae"]) for row in history]
-    # artifacts go to the server's store, where every user of the server can read them
-    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
-    assert {"model.pt", "history.csv"} <= _artifacts(client, run.info.run_id)
-    stored = mlflow_server.artifacts / run.info.experiment_id / run.info.run_id / "artifacts"
-    assert (stored / "model.pt").read_bytes() == (tmp_path / "out" / "model.pt").read_bytes()
+    valid = load_prepared(data_dir, splits=("valid",)).valid
+    inputs = {m: valid.features(m).numpy() for m in MODALITIES}
+    inputs.update({f"{m}_len": valid.lengths(m).numpy() for m in MODALITIES})
+    for seed in workers:
+        out = tmp_path / f"out{seed}"
+        run = client.get_run(_recorded_run_id(out))
+        assert run.info.status == "FINISHED" and run.data.tags["seed"] == str(seed)
+        assert run.data.params["model.mdkat.width"] == "16" and run.data.params["loss.mdkat.ka"] == "0.25"
+        logged = _steps(client, run.info.run_id, "valid_mae")
+        assert logged == [(int(row["epoch"]), row["valid_mae"]) for row in _history(out / "history.csv")]
+        # artifacts go to the server's store, where every user of the server can read them
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert {"model.pt", "history.csv"} <= _artifacts(client, run.info.run_id)
+        stored = mlflow_server.artifacts / run.info.experiment_id / run.info.run_id / "artifacts"
+        assert (stored / "model.pt").read_bytes() == (out / "model.pt").read_bytes()
+        # the pyfunc model, read back through the server, predicts what the run's own file predicts
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+            mlflow.set_tracking_uri(mlflow_server.url)
+            served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+            np.testing.assert_allclose(
+                served.predict(inputs), predict(model_from_file(out / "model.pt"), valid, 64), atol=1e-6
+            )
+    assert _recorded_run_id(tmp_path / "out1") != _recorded_run_id(tmp_path / "out2")
     assert not (tmp_path / "mlruns").exists()
 
 
