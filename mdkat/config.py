@@ -115,6 +115,7 @@ class DataConfig(Section):
     sha256: str | None
     base_url: str
     csd_dir: str | None
+    tokenizer: str | None  # cmu-sdk: a local BERT checkpoint folder; its tokenizer makes the word pieces
     cache_dir: str
     mosi_feature_subset: bool
     download_retries: NonNegative

@@ -23,6 +23,10 @@ TRAIN, VALID, TEST, OUTSIDE = "2iD-tVS8NPw", "WKA5OygbEKI", "tmZoasNr4rU", "not-
 WORDS = [(0, 1), (1, 2), (2, 3), (3, 4), (5, 6), (6, 7)]  # a pause between 4 s and 5 s
 SEGMENTS = [(0, 4), (5, 7)]
 LABELS = {TRAIN: [1.5, -0.6], VALID: [2.0, 0.0], TEST: [-3.0, 0.4], OUTSIDE: [1.0, 1.0]}
+SPOKEN = ["the", "movie", "sp", "good", "awful", "dull"]  # per word of WORDS; `sp`: the SDK's pause
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "movie", "good", "awful", "dull", "sp"]
+ID = {w: i for i, w in enumerate(VOCAB)}
+CUT = {n: rel for n, rel in CSD_FILES["mosi"].items() if n != "words"}  # what is read without a tokenizer
 
 
 def _streams(vision_gap: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -51,9 +55,11 @@ def _streams(vision_gap: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def _write_mosi(folder: Path, *, neg_inf: bool = False) -> None:
-    data = {name: {} for name in ("text", "audio", "vision", "labels")}
+    data = {name: {} for name in CSD_FILES["mosi"]}
     for video in LABELS:
         streams = _streams(vision_gap=(video == TRAIN))
+        # the words file: the same intervals as the word vectors, one byte string per word, as the SDK's
+        streams["words"] = (streams["text"][0], np.array(SPOKEN, dtype="S")[:, None])
         for name, (intervals, features) in streams.items():
             if name == "labels":
                 features = np.array(LABELS[video], dtype=np.float64)[:, None]
@@ -131,7 +137,8 @@ def test_download_from_server_into_cache(tmp_path):
         prepare(cfg, tmp_path / "out2")  # a second run uses the verified cache
         assert len(server.requests) == 4
     assert manifest["counts"]["train"] == 2
-    for name, rel in CSD_FILES["mosi"].items():
+    assert not (tmp_path / "cache" / "mosi" / Path(CSD_FILES["mosi"]["words"]).name).exists()
+    for name, rel in CUT.items():
         cached = tmp_path / "cache" / "mosi" / Path(rel).name
         assert cached.read_bytes() == files[rel]
         assert manifest["source_files"][name]["url"] == server.url + rel
@@ -155,3 +162,40 @@ def test_missing_file_in_csd_dir(tmp_path):
     (tmp_path / "csd" / "CMU_MOSI_COVAREP.csd").unlink()
     with pytest.raises(DataError, match="CMU_MOSI_COVAREP.csd: not found"):
         prepare(_cfg(csd_dir=str(tmp_path / "csd")), tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# word pieces for a fine-tuned BERT (data.tokenizer)
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path):
+    from transformers import BertTokenizer
+
+    BertTokenizer(vocab=ID).save_pretrained(tmp_path / "bert")
+    return tmp_path / "bert"
+
+
+@pytest.mark.parametrize("steps", [5, 4])
+def test_each_segment_s_words_become_word_pieces_without_the_pauses(tmp_path, tokenizer_dir, steps):
+    _write_mosi(tmp_path / "csd")
+    cfg = _cfg(csd_dir=str(tmp_path / "csd"), seq_len=steps, tokenizer=str(tokenizer_dir))
+    manifest = prepare(cfg, tmp_path / "out")
+    train = load_prepared(tmp_path / "out").train
+    # segment 0 holds words 0-3 ("the movie sp good"), segment 1 words 4-5 ("awful dull")
+    first = ["[CLS]", "the", "movie", "good", "[SEP]"] if steps == 5 else ["[CLS]", "the", "movie", "[SEP]"]
+    second = ["[CLS]", "awful", "dull", "[SEP]", "[PAD]"][:steps]
+    assert train.text_ids.tolist() == [[ID[w] for w in first], [ID[w] for w in second]]
+    assert train.text_mask.tolist() == [[1] * steps, [1, 1, 1, 1, 0][:steps]]
+    assert not train.text_segment.any()
+    assert manifest["text_tokens"] == steps
+    assert train.text_len.tolist() == [min(4, steps), 2]  # the word vectors are cut as before
+
+
+def test_tokenizer_errors_name_the_key(tmp_path):
+    _write_mosi(tmp_path / "csd")
+    with pytest.raises(DataError, match="data.tokenizer: .*nowhere: not a folder"):
+        prepare(_cfg(csd_dir=str(tmp_path / "csd"), tokenizer=str(tmp_path / "nowhere")), tmp_path / "out")
+    with pytest.raises(DataError, match="data.tokenizer is set, but only cmu-sdk data are tokenised"):
+        prepare(small_data(tokenizer=str(tmp_path)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

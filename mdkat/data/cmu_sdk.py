@@ -37,12 +37,14 @@ CSD_FILES = {
         "audio": "CMU-MOSI/acoustic/CMU_MOSI_COVAREP.csd",
         "vision": "CMU-MOSI/visual/CMU_MOSI_Visual_Facet_41.csd",
         "labels": "CMU-MOSI/labels/CMU_MOSI_Opinion_Labels.csd",
+        "words": "CMU-MOSI/language/CMU_MOSI_TimestampedWords.csd",  # read only with data.tokenizer
     },
     "mosei": {
         "text": "CMU-MOSEI/language/CMU_MOSEI_TimestampedWordVectors.csd",
         "audio": "CMU-MOSEI/acoustic/CMU_MOSEI_COVAREP.csd",
         "vision": "CMU-MOSEI/visual/CMU_MOSEI_VisualFacet42.csd",
         "labels": "CMU-MOSEI/labels/CMU_MOSEI_Labels.csd",
+        "words": "CMU-MOSEI/language/CMU_MOSEI_TimestampedWords.csd",
     },
 }
 # MOSI's customary feature subsets (5-d audio, 20-d vision), as in the MMSA pickles
@@ -50,6 +52,8 @@ MOSI_COLUMNS = {
     "audio": [1, 3, 6, 25, 60],
     "vision": [0, 2, 5, 10, 11, 12, 14, 17, 20, 21, 22, 24, 25, 29, 30, 31, 32, 36, 37, 40],
 }
+WORD_INDEX = "word_index"  # the alignment's name for the words' positions
+PAUSE = "sp"  # the SDK's word for a pause
 SERVER_HINT = (
     "The CMU server is often down. Alternatively use the field's preprocessed pickles: "
     "-S data.source=mmsa -S data.path=PATH/TO/aligned_50.pkl (or data.url=... with data.sha256=<published "
@@ -65,11 +69,16 @@ def standard_folds(dataset: str) -> dict[str, str]:
     return {video: split for split in SPLITS for video in folds[split]}
 
 
+def _needed(cfg: DataConfig) -> dict[str, str]:
+    """The .csd files this configuration reads: the words only when they are tokenised."""
+    return {n: rel for n, rel in CSD_FILES[cfg.dataset].items() if n != "words" or cfg.tokenizer is not None}
+
+
 def _locate(cfg: DataConfig) -> dict[str, dict[str, Any]]:
-    """name -> {"path", "sha256", "url"} of the four .csd files, local or downloaded."""
+    """name -> {"path", "sha256", "url"} of the needed .csd files, local or downloaded."""
     files = {}
     if cfg.csd_dir is not None:
-        for name, rel in CSD_FILES[cfg.dataset].items():
+        for name, rel in _needed(cfg).items():
             path = Path(cfg.csd_dir) / Path(rel).name
             if not path.is_file():
                 raise DataError(
@@ -80,7 +89,7 @@ def _locate(cfg: DataConfig) -> dict[str, dict[str, Any]]:
 
     from mdkat.data.download import DownloadError, download
 
-    for name, rel in CSD_FILES[cfg.dataset].items():
+    for name, rel in _needed(cfg).items():
         url = urljoin(cfg.base_url if cfg.base_url.endswith("/") else cfg.base_url + "/", rel)
         try:
             got = download(
@@ -120,8 +129,17 @@ def load_cmu_sdk(cfg: DataConfig) -> tuple[dict[str, SplitArrays], dict[str, Any
             }
 
     words = align({m: sequences[m] for m in MODALITIES}, "text")
-    segments = align({**words, "labels": sequences["labels"]}, "labels", collapse=None, impute=False)
+    cut = {**words, "labels": sequences["labels"]}
+    if cfg.tokenizer is not None:
+        # each word's position in its video, cut into segments exactly as the word vectors are
+        spoken = read_csd(files["words"]["path"])
+        cut[WORD_INDEX] = {
+            video: (intervals, np.arange(len(intervals), dtype=np.float64)[:, None])
+            for video, (intervals, _) in spoken.items()
+        }
+    segments = align(cut, "labels", collapse=None, impute=False)
 
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
     fold_of = standard_folds(cfg.dataset)
     keys = {s: [] for s in SPLITS}
     outside = 0
@@ -144,6 +162,9 @@ def load_cmu_sdk(cfg: DataConfig) -> tuple[dict[str, SplitArrays], dict[str, Any
         # the sentiment score is the first label column (MOSEI adds six emotions after it)
         arrays["label"] = np.array([segments["labels"][k][1][0, 0] for k in keys[split]], dtype=np.float32)
         arrays["id"] = np.array(keys[split])
+        if cfg.tokenizer is not None:
+            texts = [segment_text(spoken, k, segments[WORD_INDEX][k][1]) for k in keys[split]]
+            arrays.update(word_pieces(tokenizer, texts, cfg.seq_len))
         check_labels(arrays["label"], arrays["id"], split, str(files["labels"]["path"]), "sentiment")
         splits[split] = arrays
 
@@ -156,6 +177,41 @@ def load_cmu_sdk(cfg: DataConfig) -> tuple[dict[str, SplitArrays], dict[str, Any
         "mosi_feature_subset": cfg.dataset == "mosi" and cfg.mosi_feature_subset,
     }
     return splits, info
+
+
+def load_tokenizer(folder: str):
+    """The tokenizer of a local BERT checkpoint folder (`data.tokenizer`); never a download."""
+    from transformers import AutoTokenizer  # slow to import: only data that are tokenised pay for it
+
+    if not Path(folder).is_dir():
+        raise DataError(
+            f"data.tokenizer: {folder}: not a folder (a local BERT checkpoint with its tokenizer)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.tokenizer: {folder}: no loadable tokenizer ({e})") from None
+
+
+def segment_text(spoken: dict[str, tuple[np.ndarray, np.ndarray]], key: str, index: np.ndarray) -> str:
+    """The words of segment `key` (their positions `index` (n, 1) in the video), joined by spaces; the SDK's
+    pause marker `sp` is left out, as the field's transcripts do."""
+    stored = spoken[video_of(key)][1][index[:, 0].astype(np.int64), 0]
+    words = [w.decode() if isinstance(w, bytes) else str(w) for w in stored]
+    return " ".join(w for w in words if w != PAUSE)
+
+
+def word_pieces(tokenizer, texts: list[str], steps: int) -> SplitArrays:
+    """`text_ids`, `text_mask`, `text_segment` (N, steps) int64: [CLS] pieces [SEP], cut and padded to
+    `steps` (the layout of the MMSA pickles' `text_bert`)."""
+    encoded = tokenizer(
+        texts, max_length=steps, padding="max_length", truncation=True, return_token_type_ids=True
+    )
+    return {
+        "text_ids": np.asarray(encoded["input_ids"], dtype=np.int64),
+        "text_mask": np.asarray(encoded["attention_mask"], dtype=np.int64),
+        "text_segment": np.asarray(encoded["token_type_ids"], dtype=np.int64),
+    }
 
 
 def _columns(features: np.ndarray, columns: list[int], path: Path) -> np.ndarray:

@@ -35,6 +35,12 @@ def prepare(cfg: DataConfig, out: str | Path) -> dict[str, Any]:
     """
     if cfg.source not in SOURCES:  # also for callers that did not go through check_params
         raise DataError(f"data.source: expected one of {list(SOURCES)}, got {cfg.source!r}")
+    if cfg.tokenizer is not None and cfg.source != "cmu-sdk":
+        raise DataError(
+            f"data.tokenizer is set, but only cmu-sdk data are tokenised here (data.source is "
+            f"{cfg.source!r}: mmsa pickles carry their word pieces, synthetic data have no words); set it "
+            "to null"
+        )
     module, function = SOURCES[cfg.source].split(":")
     splits, info = getattr(importlib.import_module(module), function)(cfg)
     # the manifest is cached and shared: a password in data.url must not travel with it
