@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,3 +278,62 @@ def test_a_model_given_data_of_other_feature_sizes_or_alignment_is_refused_by_na
             else "unaligned" in message
         )
         assert not (tmp_path / "m.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU readiness, checked on the CPU
+
+
+def test_device_choice_follows_cuda_availability(monkeypatch):
+    from mdkat.training import autocast, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(MdkatError, match="no CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cpu") == torch.device("cpu")
+    # bf16 on the GPU, nothing on the CPU (float32 there); this torch has no CUDA to build the real one
+    monkeypatch.setattr(torch, "autocast", lambda **chosen: chosen)
+    assert autocast(torch.device("cuda")) == {"device_type": "cuda", "dtype": torch.bfloat16, "enabled": True}
+    assert autocast(torch.device("cpu"))["enabled"] is False
+
+
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+# host-side work that happens once per step by design, not a wait for the device: the step's slice of the
+# permutation (kept on the host) picks the sample ids, and PyTorch's optimizers keep their step counters on
+# the host in the default CUDA (foreach) path
+PER_STEP_ON_HOST = {("tolist", "batch.py:select"), ("item", "optimizer.py:_get_value")}
+
+
+def _host_syncs(monkeypatch, run) -> collections.Counter:
+    """Calls of each tensor method that waits for the device, by (method, file:function of the caller)."""
+    counts: collections.Counter = collections.Counter()
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            caller = sys._getframe(1)
+            counts[_name, f"{Path(caller.f_code.co_filename).name}:{caller.f_code.co_name}"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    run()
+    monkeypatch.undo()
+    return counts
+
+
+@pytest.mark.parametrize("name", ["mdkat", "late_fusion", "mult", "dmd"])
+def test_a_training_step_never_waits_for_the_device(tiny, tmp_path, monkeypatch, name):
+    # the same epoch in 3 and in 6 steps: a call site whose count grows with the steps syncs in every step;
+    # only the host-side ones may. Models that pack LSTM inputs (tfn, misa, self_mm) read the lengths on
+    # the host once per step by design (pack_padded_sequence takes them there), so they are not listed.
+    _, data_dir = tiny
+    data = load_prepared(data_dir, splits=("train", "valid"))
+    counts = {}
+    for batch in (16, 8):
+        params = tiny_params(f"model.name={name}", "train.epochs=1", f"train.batch_size={batch}")
+        out = tmp_path / str(batch)
+        counts[batch] = _host_syncs(monkeypatch, lambda p=params, o=out: fit(p, data, o, progress=False))
+    per_step = {site for site in counts[8] | counts[16] if counts[8][site] != counts[16][site]}
+    assert per_step <= PER_STEP_ON_HOST, per_step - PER_STEP_ON_HOST

@@ -30,10 +30,10 @@ Linear(3d, 1). Our choices:
   adversarial similarity (gradient reversal) and shared/private discriminator (weight 0) are left out.
 - L_diff's norms are not detached (the authors' code detaches them).
 
-Published MOSI results (BERT text): the paper's MOSI table: MAE 0.783, Corr 0.761, Acc-2 81.8 / 83.4,
-F1 81.7 / 83.6 (negative/non-negative / negative/positive), Acc-7 42.3. MMSA's reproduction
-(thuiar/MMSA results/result-stat.md, unaligned): Acc-2 81.84 / 83.54, F1 81.82 / 83.58, Acc-7 41.37,
-MAE 0.7765, Corr 0.7781.
+Published MOSI results (BERT text): the paper's MOSI table (as cited by later papers, not re-read here): MAE
+0.783, Corr 0.761, Acc-2 81.8 / 83.4, F1 81.7 / 83.6 (negative/non-negative / negative/positive), Acc-7
+42.3. MMSA's reproduction (thuiar/MMSA results/result-stat.md, unaligned): Acc-2 81.84 / 83.54, F1 81.82 /
+83.58, Acc-7 41.37, MAE 0.7765, Corr 0.7781.
 
 Trainable parameters at the default section with MOSI dims (768, 5, 20): 1,061,613.
 """

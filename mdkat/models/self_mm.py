@@ -58,9 +58,10 @@ State (buffers, in every checkpoint, sized by `sizes["train"]`, indexed by `Batc
 the three generated labels, the four stored representations and the forward count of each training
 sample. A model built without `sizes` has empty buffers: it predicts, but cannot train.
 
-Published MOSI (regression, test split): paper (fine-tuned BERT): Acc-2 84.00 / 85.98 (negative vs.
-non-negative / non-zero), F1 84.42 / 85.95, MAE 0.713, Corr 0.798. MMSA's reproduction (results/
-result-stat.md, unaligned): Acc-2 83.00 / 84.82, F1 83.05 / 84.81, Acc-7 46.07, MAE 0.724, Corr 0.789.
+Published MOSI (regression, test split): paper (fine-tuned BERT; as cited by later papers, the table not
+re-read here): Acc-2 84.00 / 85.98 (negative vs. non-negative / non-zero), F1 84.42 / 85.95, MAE 0.713,
+Corr 0.798. MMSA's reproduction (thuiar/MMSA results/result-stat.md, unaligned, unchanged since May
+2021): Acc-2 83.44 / 85.46, F1 83.36 / 85.43, Acc-7 46.67, MAE 0.708, Corr 0.796.
 
 Trainable parameters at the default section with MOSI dims (768, 5, 20): 749,924, of which 590,592 are the
 text linear layer and 104,576 the first fusion layer.

@@ -30,9 +30,10 @@ Chosen here, with the widths, dropouts, learning rate (1e-3) and batch size (32)
   the validation MAE reaches 0.91 (Corr 0.61) by epoch 6 (seed 1111). Set it to 0 for the paper's input.
 - `bounded_output`: MMSA's 6 sigmoid(y) - 3, keeping predictions in the label range.
 
-Published MOSI (regression, test split): paper Table 1: Acc-2 77.1, F1 77.9, MAE 0.87, Corr 0.70 (GloVe
-text, COVAREP, FACET). MMSA's reproduction (its results/result-stat.md, unaligned, BERT features): Acc-2
-77.99 / F1 77.95 (negative vs. non-negative), 79.08 / 79.11 (non-zero), Acc-7 34.46, MAE 0.947, Corr 0.673.
+Published MOSI (regression, test split): paper Table 1 (GloVe text, COVAREP, FACET; quoted from memory of
+the paper, only the Acc-2 confirmed by a secondary source): Acc-2 77.1, F1 77.9, MAE 0.87, Corr 0.70. MMSA's
+reproduction (its results/result-stat.md, unaligned, BERT features): Acc-2 77.99 / F1 77.95 (negative vs.
+non-negative), 79.08 / 79.11 (non-zero), Acc-7 34.46, MAE 0.947, Corr 0.673.
 
 Trainable parameters at the default section with MOSI dims (768, 5, 20): 9,120,161, of which 8,990,848
 are the first inference layer over the 33 x 129 x 33 = 140,481 fused values (9,496,993 with
