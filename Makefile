@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc.yaml runs `python ...`: it must be the environment's interpreter
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: repro test setup postgres
+.PHONY: repro test setup postgres mutation
 repro: setup
 	dvc repro
 
@@ -22,6 +22,11 @@ test: setup postgres
 	python -m mdkat.ci run --out .ci-runs/second
 	python -m mdkat.ci check --now .ci-runs/first --repeat .ci-runs/second
 	python -m mdkat.ci notebook --project .ci-runs/first
+
+# not part of `make test`: hours on 2 cores. Each core module mutated against its own tests, in a copy of
+# the project; the report goes to reports/mutation/ (ONLY=metrics,align to run some)
+mutation: setup
+	python -m tests.mutation --out reports/mutation $(if $(ONLY),--only $(ONLY))
 
 setup: $(STAMP)
 

@@ -1,0 +1,183 @@
+"""Mutation testing of the core modules (`make mutation`): cosmic-ray mutates one module at a time, each
+against its own test files, in a copy of the project (cosmic-ray edits the files it mutates); the report
+counts killed, survived and timed-out mutants per module.
+
+    python -m tests.mutation --out reports/mutation [--only metrics,align] [--timeout 120]
+
+Writes `<out>/mutation.json` (every mutant: module, operator, position, outcome, diff of the survivors)
+and `<out>/mutation.md` (per module: mutants, killed, survived, timed out, kill rate; the survivors'
+diffs). A survivor that changes nothing a user could see stays listed, with the reason in
+`<out>/accepted.yaml` (`module: {"operator@line": reason}`), which the table counts apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from mdkat.ci import project_files
+from mdkat.io import atomic_open, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+# module -> (files mutated, the tests that check them); the fast tests of each, so that a run ends in hours
+TARGETS: dict[str, tuple[list[str], list[str]]] = {
+    "metrics": (["mdkat/metrics.py"], ["tests/test_metrics.py"]),
+    "align": (["mdkat/data/align.py"], ["tests/test_align.py"]),
+    "csd": (["mdkat/data/csd.py"], ["tests/test_csd.py"]),
+    "mmsa": (["mdkat/data/mmsa.py"], ["tests/test_mmsa.py"]),
+    "prepared": (["mdkat/data/prepared.py"], ["tests/test_prepared.py"]),
+    "training": (["mdkat/training.py"], ["tests/test_training.py"]),
+    "models": (
+        [f"mdkat/models/{m}.py" for m in ("losses", "encoders", "cff", "amsa", "ka", "kt", "mdkat")],
+        ["tests/test_model_components.py", "tests/test_models.py"],
+    ),
+    "tuning": (["mdkat/tuning.py"], ["tests/test_tuning.py"]),
+    "tracking": (["mdkat/tracking.py"], ["tests/test_tracking.py"]),
+    "ci": (["mdkat/ci.py"], ["tests/test_ci.py"]),
+}
+
+
+def _config(module: str, tests: list[str], timeout_s: float) -> str:
+    # -x: the first failing test kills the mutant; `env` sets one torch thread (no shell runs the command)
+    command = f"env OMP_NUM_THREADS=1 {sys.executable} -m pytest -x -q -p no:cacheprovider {' '.join(tests)}"
+    return (
+        "[cosmic-ray]\n"
+        f'module-path = "{module}"\n'
+        f"timeout = {timeout_s}\n"
+        "excluded-modules = []\n"
+        f'test-command = "{command}"\n'
+        '[cosmic-ray.distributor]\nname = "local"\n'
+    )
+
+
+def _cosmic_ray(*args: str, cwd: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cosmic_ray.cli", *args], cwd=cwd, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"cosmic-ray {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+
+
+def mutate(name: str, copy: Path, timeout_s: float) -> list[dict]:
+    """Every mutant of target `name`, run against its tests in `copy`; one record per mutant."""
+    from cosmic_ray.work_db import WorkDB, use_db
+
+    files, tests = TARGETS[name]
+    records = []
+    for module in files:
+        config = copy / f".mutation-{Path(module).stem}.toml"
+        session = copy / f".mutation-{Path(module).stem}.sqlite"
+        config.write_text(_config(module, tests, timeout_s))
+        session.unlink(missing_ok=True)
+        _cosmic_ray("init", str(config), str(session), cwd=copy)
+        start = time.perf_counter()
+        _cosmic_ray("exec", str(config), str(session), cwd=copy)
+        print(f"{module}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        with use_db(str(session), WorkDB.Mode.open) as db:
+            for item, result in db.completed_work_items:
+                (mutation,) = item.mutations
+                timed_out = "timeout" in (result.output or "").lower()
+                outcome = "timeout" if timed_out else (result.test_outcome or result.worker_outcome).value
+                records.append(
+                    {
+                        "target": name,
+                        "module": module,
+                        "operator": mutation.operator_name,
+                        "occurrence": mutation.occurrence,
+                        "line": mutation.start_pos[0],
+                        "outcome": outcome,
+                        "diff": result.diff if outcome == "survived" else None,
+                    }
+                )
+    return records
+
+
+def summarize(records: list[dict], accepted: dict[str, dict[str, str]]) -> list[dict]:
+    """Per target: mutants, killed, survived (and of them accepted as invisible), timed out, kill rate.
+
+    The kill rate counts timed-out mutants as killed (a hang fails the suite through its timeout) and
+    leaves out the incompetent ones (mutants that cannot even be imported) and the accepted survivors.
+    """
+    rows = []
+    for name in dict.fromkeys(r["target"] for r in records):
+        mine = [r for r in records if r["target"] == name]
+        count = {
+            k: sum(r["outcome"] == k for r in mine) for k in ("killed", "survived", "timeout", "incompetent")
+        }
+        ok = accepted.get(name, {})
+        waved = sum(1 for r in mine if r["outcome"] == "survived" and f"{r['operator']}@{r['line']}" in ok)
+        judged = count["killed"] + count["timeout"] + count["survived"] - waved
+        rate = (count["killed"] + count["timeout"]) / judged if judged else float("nan")
+        rows.append({"target": name, "mutants": len(mine), **count, "accepted": waved, "kill_rate": rate})
+    return rows
+
+
+def _markdown(rows: list[dict], records: list[dict], accepted: dict[str, dict[str, str]]) -> str:
+    lines = [
+        "# Mutation testing (cosmic-ray, `make mutation`)",
+        "",
+        "Each module mutated against its own tests (`tests/mutation.py`, TARGETS). Kill rate = (killed +",
+        "timed out) / (mutants that import, less the survivors accepted as invisible in accepted.yaml).",
+        "",
+        "| module | mutants | killed | timed out | survived | accepted | incompetent | kill rate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['target']} | {r['mutants']} | {r['killed']} | {r['timeout']} | {r['survived']} | "
+            f"{r['accepted']} | {r['incompetent']} | {r['kill_rate']:.1%} |"
+        )
+    lines += ["", "## Survivors", ""]
+    for r in records:
+        if r["outcome"] != "survived":
+            continue
+        reason = accepted.get(r["target"], {}).get(f"{r['operator']}@{r['line']}")
+        lines += [
+            f"### {r['module']}:{r['line']} {r['operator']}" + (f" (accepted: {reason})" if reason else "")
+        ]
+        lines += ["```diff", (r["diff"] or "").strip(), "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.mutation", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="reports/mutation", help="folder of mutation.json / mutation.md")
+    p.add_argument("--only", default=",".join(TARGETS), help=f"comma-separated targets of {list(TARGETS)}")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(TARGETS))
+    if unknown:
+        p.error(f"--only: unknown targets {unknown}; expected some of {list(TARGETS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    accepted_file = out / "accepted.yaml"
+    accepted = yaml.safe_load(accepted_file.read_text()) if accepted_file.exists() else {}
+    previous = json.loads((out / "mutation.json").read_text()) if (out / "mutation.json").exists() else []
+    records = [r for r in previous if r["target"] not in names]  # other targets keep their last run
+    with tempfile.TemporaryDirectory(prefix="mdkat-mutation-") as tmp:
+        copy = Path(tmp)
+        for rel in project_files(ROOT):
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, copy / rel)
+        for name in names:
+            records += mutate(name, copy, args.timeout)
+            write_json(out / "mutation.json", records)  # a long run keeps what it has so far
+    rows = summarize(records, accepted or {})
+    with atomic_open(out / "mutation.md") as f:
+        f.write(_markdown(rows, records, accepted or {}).encode())
+    for r in rows:
+        print(f"{r['target']}: {r['kill_rate']:.1%} of {r['mutants']} mutants killed", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
