@@ -45,7 +45,7 @@ def code_digest(model: str | None = None) -> str:
     if model is None:
         models = set((package / "models").glob("*.py"))
     else:
-        from mdkat.models import REGISTRY  # here: the registry imports every model
+        from mdkat.models import REGISTRY  # here: the registry imports every model (torch)
 
         models = model_files(package, REGISTRY[model].__module__)
     files = sorted({package / entry for entry in _RUN_CODE} | models)
