@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mdkat.io import write_json
-from mdkat.metrics import METRIC_NAMES, regression_metrics
+from mdkat.metrics import METRIC_NAMES, METRICS, is_better, regression_metrics, worsening
 
 
 def test_binary_metrics_and_weighted_f1_by_hand():
@@ -48,6 +48,27 @@ def test_ties_round_half_to_even():
 def test_pearson_by_hand():
     assert regression_metrics([1, 2, 3], [1, 3, 2])["corr"] == pytest.approx(0.5)
     assert regression_metrics([1, 2, 3], [3, 2, 1])["corr"] == pytest.approx(-1.0)
+    # variances other than 1: centred p = (-4, -1, 5)/3, t = (-1, 1, 0); cov = 1/2, var p = 7/3, var t = 1
+    assert regression_metrics([0, 1, 3], [1, 3, 2])["corr"] == pytest.approx(0.5 / math.sqrt(7 / 3))
+
+
+def test_is_better_follows_each_metrics_direction_and_ties_do_not_improve():
+    assert is_better("mae", 0.5, 0.6) and not is_better("mae", 0.6, 0.6) and not is_better("mae", 0.7, 0.6)
+    assert is_better("corr", 0.7, 0.6) and not is_better("corr", 0.6, 0.6) and not is_better("corr", 0.5, 0.6)
+    assert is_better("acc2_non0", 0.1, None) and not is_better("mae", math.nan, None)
+
+
+def test_worsening_is_signed_in_each_metrics_own_units():
+    assert worsening("mae", 1.3, 0.5) == pytest.approx(0.8)  # higher MAE: worse
+    assert worsening("mae", 0.5, 1.3) == pytest.approx(-0.8)
+    assert worsening("corr", 0.5, 0.7) == pytest.approx(0.2)  # lower Corr: worse
+    assert worsening("acc7", 0.9, 0.4) == pytest.approx(-0.5)
+
+
+def test_ci_tolerances_are_small_positive_fractions():
+    # 3 seed standard deviations of the CI profile: a few points at most, or the gate lets a broken model
+    # through (a model without text loses more than 0.1 MAE on the profile)
+    assert all(0 < m.ci_tolerance < 0.1 for m in METRICS)
 
 
 def test_constant_prediction_gives_nan_corr_written_as_null(tmp_path):
