@@ -36,6 +36,13 @@ def test_mae_acc7_acc5_by_hand():
     assert m["acc5"] == pytest.approx(5 / 7)
 
 
+def test_acc5_clips_negative_labels_at_minus_2_and_non0_splits_at_zero():
+    m = regression_metrics([-2.4, -1.2, 1.0], [-3.0, -1.0, 1.0])
+    assert m["acc5"] == 1.0  # -2.4 and -3 both become -2; -1.2 rounds to -1
+    # labels between -1 and 0 are negative: Non0 keeps -0.5 and 0.5 and gets both right
+    assert regression_metrics([-1.0, 1.0, 0.3], [-0.5, 0.5, 0.0])["acc2_non0"] == 1.0
+
+
 def test_ties_round_half_to_even():
     p = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5]
     assert regression_metrics(p, [0, 2, 2, 0, -2, -2])["acc7"] == 1.0
@@ -48,8 +55,9 @@ def test_ties_round_half_to_even():
 def test_pearson_by_hand():
     assert regression_metrics([1, 2, 3], [1, 3, 2])["corr"] == pytest.approx(0.5)
     assert regression_metrics([1, 2, 3], [3, 2, 1])["corr"] == pytest.approx(-1.0)
-    # variances other than 1: centred p = (-4, -1, 5)/3, t = (-1, 1, 0); cov = 1/2, var p = 7/3, var t = 1
-    assert regression_metrics([0, 1, 3], [1, 3, 2])["corr"] == pytest.approx(0.5 / math.sqrt(7 / 3))
+    # variances other than 1 (the formula must divide by both standard deviations):
+    # centred p = (-4, -1, 5)/3, t = (-2, 2, 0); cov = 1, var p = 7/3, var t = 4
+    assert regression_metrics([0, 1, 3], [2, 6, 4])["corr"] == pytest.approx(0.5 / math.sqrt(7 / 3))
 
 
 def test_is_better_follows_each_metrics_direction_and_ties_do_not_improve():
@@ -63,6 +71,10 @@ def test_worsening_is_signed_in_each_metrics_own_units():
     assert worsening("mae", 0.5, 1.3) == pytest.approx(-0.8)
     assert worsening("corr", 0.5, 0.7) == pytest.approx(0.2)  # lower Corr: worse
     assert worsening("acc7", 0.9, 0.4) == pytest.approx(-0.5)
+
+
+def test_only_mae_is_lower_is_better():
+    assert [m.name for m in METRICS if m.lower_is_better] == ["mae"]
 
 
 def test_ci_tolerances_are_small_positive_fractions():
@@ -94,3 +106,7 @@ def test_keys_and_bad_input():
         regression_metrics([1, 2], [1, 2, 3])
     with pytest.raises(ValueError, match="finite"):
         regression_metrics([np.nan, 1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="no samples"):
+        regression_metrics([], [])
+    with pytest.warns(UserWarning, match="corr is undefined"):
+        assert regression_metrics([0.5], [1.0])["mae"] == 0.5  # one sample: metrics, but no correlation
