@@ -12,14 +12,13 @@ repro: setup
 	dvc repro
 
 # the layering contracts (pyproject.toml), the tests on both cores, then the CI profile (ci.overrides in
-# params.yaml) twice in fresh copies: no regression against ci/baseline.json, identical metrics both
-# times, and the comparison notebook runs on its results
+# params.yaml) twice at once in fresh copies (one torch thread each): no regression against
+# ci/baseline.json, identical metrics both times, and the comparison notebook runs on its results
 test: setup postgres
 	ruff check .
 	lint-imports
 	pytest -q -n 2 --dist worksteal
-	python -m mdkat.ci run --out .ci-runs/first
-	python -m mdkat.ci run --out .ci-runs/second
+	python -m mdkat.ci run --out .ci-runs/first --out .ci-runs/second
 	python -m mdkat.ci check --now .ci-runs/first --repeat .ci-runs/second
 	python -m mdkat.ci notebook --project .ci-runs/first
 

@@ -20,6 +20,8 @@ deviations, so that the check fails on a change that costs more than the seeds' 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -109,8 +111,18 @@ def spread(params_file: Path, seeds: Sequence[int], work: Path) -> dict[str, Any
     }
 
 
-def run(out: str | Path, extra: Sequence[str] = (), root: Path | None = None) -> dict[str, Any]:
-    """Copy the project to `out`, write the CI profile there and `dvc repro` it; return the run record."""
+def run(
+    out: str | Path,
+    extra: Sequence[str] = (),
+    root: Path | None = None,
+    threads: int | None = None,
+    log: Path | None = None,
+) -> dict[str, Any]:
+    """Copy the project to `out`, write the CI profile there and `dvc repro` it; return the run record.
+
+    `threads` caps torch's threads (OMP_NUM_THREADS) for runs that share the cores; `log` takes the stages'
+    output instead of the console (its tail is in the error when the run fails).
+    """
     root = root or project_root()
     out = Path(out).resolve()
     if out.exists():
@@ -127,17 +139,37 @@ def run(out: str | Path, extra: Sequence[str] = (), root: Path | None = None) ->
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the copy's own store
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # dvc.yaml's `python`
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     overrides = [*load_params(root / "params.yaml").ci.overrides, *extra]
     print(f"CI profile in {out}: {' '.join(overrides)}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=out, env=env)
+    with open(log, "wb") if log is not None else contextlib.nullcontext() as sink:
+        streams = {"stdout": sink, "stderr": subprocess.STDOUT} if sink is not None else {}
+        done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=out, env=env, **streams)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise MdkatError(f"dvc repro of the CI profile failed in {out} (exit status {done.returncode})")
+        tail = f":\n{log.read_text(errors='replace')[-3000:]}" if log is not None else ""
+        raise MdkatError(f"dvc repro of the CI profile failed in {out} (exit status {done.returncode}){tail}")
     record = {"overrides": overrides, "seconds": round(seconds, 1), "metrics": str(out / METRICS_FILE)}
     write_json(out / RUN_RECORD, record)
     print(f"CI profile done in {seconds:.0f} s", file=sys.stderr)
     return record
+
+
+def run_all(outs: Sequence[Path], extra: Sequence[str], root: Path) -> None:
+    """`run` into each of `outs`; several at once, one torch thread each, logs next to each copy.
+
+    The profile's small models use a second thread poorly, so two runs sharing two cores take little
+    longer than one; each run alone gives the same numbers (one seed, one thread count for both).
+    """
+    if len(outs) == 1:
+        run(outs[0], extra, root=root)
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(outs)) as pool:
+        jobs = [pool.submit(run, o, extra, root, 1, o.with_name(o.name + ".log")) for o in outs]
+        for job in jobs:
+            job.result()  # the first failure, with its log's tail
 
 
 def read_test_metrics(run_dir: str | Path) -> dict[str, float]:
@@ -293,7 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="the project's parameter file")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="dvc repro of the CI profile in a fresh copy of the project")
-    p.add_argument("--out", required=True, help="folder for the copy (replaced)")
+    p.add_argument(
+        "--out",
+        required=True,
+        action="append",
+        help="folder for the copy (replaced); twice: two runs at once",
+    )
     p.add_argument("-S", "--set", dest="extra", action="append", default=[], help="more overrides")
     p = sub.add_parser("check", help="compare a CI run with the baseline; exit 1 on a regression")
     p.add_argument("--now", required=True, help="folder of a CI run")
@@ -310,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     params_file = Path(args.params).resolve()
     try:
         if args.command == "run":
-            run(args.out, args.extra, root=params_file.parent)
+            run_all([Path(o) for o in args.out], args.extra, params_file.parent)
         elif args.command == "check":
             return 0 if check(Path(args.now), params_file, Path(args.repeat) if args.repeat else None) else 1
         elif args.command == "baseline":
