@@ -45,15 +45,29 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def _config(module: str, tests: list[str], timeout_s: float) -> str:
+def _test_command(tests: list[str]) -> list[str]:
     # -x: the first failing test kills the mutant; `env` sets one torch thread (no shell runs the command)
-    command = f"env OMP_NUM_THREADS=1 {sys.executable} -m pytest -x -q -p no:cacheprovider {' '.join(tests)}"
+    return [
+        "env",
+        "OMP_NUM_THREADS=1",
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *tests,
+    ]
+
+
+def _config(module: str, tests: list[str], timeout_s: float) -> str:
     return (
         "[cosmic-ray]\n"
         f'module-path = "{module}"\n'
         f"timeout = {timeout_s}\n"
         "excluded-modules = []\n"
-        f'test-command = "{command}"\n'
+        f'test-command = "{" ".join(_test_command(tests))}"\n'
         '[cosmic-ray.distributor]\nname = "local"\n'
     )
 
@@ -98,6 +112,27 @@ def mutate(name: str, copy: Path, timeout_s: float) -> list[dict]:
                     }
                 )
     return records
+
+
+def recheck(records: list[dict], copy: Path, timeout_s: float) -> None:
+    """Run each survivor of `records` again against the current tests (after tests were added), in place."""
+    for r in records:
+        if r["outcome"] != "survived":
+            continue
+        original = (copy / r["module"]).read_bytes()
+        try:
+            _cosmic_ray("apply", r["module"], r["operator"], str(r["occurrence"]), cwd=copy)
+            command = _config(r["module"], TARGETS[r["target"]][1], timeout_s).split('test-command = "')[1]
+            done = subprocess.run(
+                command.split('"')[0].split(), cwd=copy, capture_output=True, timeout=timeout_s
+            )
+            r["outcome"] = "killed" if done.returncode != 0 else "survived"
+        except subprocess.TimeoutExpired:
+            r["outcome"] = "timeout"
+        finally:
+            (copy / r["module"]).write_bytes(original)
+        if r["outcome"] != "survived":
+            r["diff"], r["rechecked"] = None, True
 
 
 def summarize(records: list[dict], accepted: dict[str, dict[str, str]]) -> list[dict]:
@@ -152,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="reports/mutation", help="folder of mutation.json / mutation.md")
     p.add_argument("--only", default=",".join(TARGETS), help=f"comma-separated targets of {list(TARGETS)}")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
+    p.add_argument(
+        "--recheck",
+        action="store_true",
+        help="only run the last report's survivors again (after adding tests)",
+    )
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(TARGETS))
@@ -168,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         for rel in project_files(ROOT):
             (copy / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, copy / rel)
-        for name in names:
+        if args.recheck:
+            records = previous
+            recheck([r for r in records if r["target"] in names], copy, args.timeout)
+            write_json(out / "mutation.json", records)
+        for name in [] if args.recheck else names:
             records += mutate(name, copy, args.timeout)
             write_json(out / "mutation.json", records)  # a long run keeps what it has so far
     rows = summarize(records, accepted or {})

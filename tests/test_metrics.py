@@ -36,11 +36,13 @@ def test_mae_acc7_acc5_by_hand():
     assert m["acc5"] == pytest.approx(5 / 7)
 
 
-def test_acc5_clips_negative_labels_at_minus_2_and_non0_splits_at_zero():
+def test_acc5_clips_negative_labels_at_minus_2_and_acc2_splits_at_zero():
     m = regression_metrics([-2.4, -1.2, 1.0], [-3.0, -1.0, 1.0])
     assert m["acc5"] == 1.0  # -2.4 and -3 both become -2; -1.2 rounds to -1
-    # labels between -1 and 0 are negative: Non0 keeps -0.5 and 0.5 and gets both right
-    assert regression_metrics([-1.0, 1.0, 0.3], [-0.5, 0.5, 0.0])["acc2_non0"] == 1.0
+    # labels between -1 and 1 keep their sign: Non0 keeps -0.5 and 0.5 and gets both right, and Has0
+    # counts 0 and 0.5 as non-negative
+    m = regression_metrics([-1.0, 1.0, 0.3], [-0.5, 0.5, 0.0])
+    assert m["acc2_non0"] == 1.0 and m["acc2_has0"] == 1.0
 
 
 def test_ties_round_half_to_even():
