@@ -7,7 +7,7 @@ counts killed, survived and timed-out mutants per module.
 Writes `<out>/mutation.json` (every mutant: module, operator, position, outcome, diff of the survivors)
 and `<out>/mutation.md` (per module: mutants, killed, survived, timed out, kill rate; the survivors'
 diffs). A survivor that changes nothing a user could see stays listed, with the reason in
-`<out>/accepted.yaml` (`module: {"operator@line": reason}`), which the table counts apart.
+`<out>/accepted.yaml` (`target: {"operator#occurrence": reason}`), which the table counts apart.
 """
 
 from __future__ import annotations
@@ -135,6 +135,11 @@ def recheck(records: list[dict], copy: Path, timeout_s: float) -> None:
             r["diff"], r["rechecked"] = None, True
 
 
+def _key(record: dict) -> str:
+    """A mutant's name in accepted.yaml: its operator and occurrence, unique within its module."""
+    return f"{record['operator']}#{record['occurrence']}"
+
+
 def summarize(records: list[dict], accepted: dict[str, dict[str, str]]) -> list[dict]:
     """Per target: mutants, killed, survived (and of them accepted as invisible), timed out, kill rate.
 
@@ -148,7 +153,7 @@ def summarize(records: list[dict], accepted: dict[str, dict[str, str]]) -> list[
             k: sum(r["outcome"] == k for r in mine) for k in ("killed", "survived", "timeout", "incompetent")
         }
         ok = accepted.get(name, {})
-        waved = sum(1 for r in mine if r["outcome"] == "survived" and f"{r['operator']}@{r['line']}" in ok)
+        waved = sum(1 for r in mine if r["outcome"] == "survived" and _key(r) in ok)
         judged = count["killed"] + count["timeout"] + count["survived"] - waved
         rate = (count["killed"] + count["timeout"]) / judged if judged else float("nan")
         rows.append({"target": name, "mutants": len(mine), **count, "accepted": waved, "kill_rate": rate})
@@ -174,7 +179,7 @@ def _markdown(rows: list[dict], records: list[dict], accepted: dict[str, dict[st
     for r in records:
         if r["outcome"] != "survived":
             continue
-        reason = accepted.get(r["target"], {}).get(f"{r['operator']}@{r['line']}")
+        reason = accepted.get(r["target"], {}).get(_key(r))
         lines += [
             f"### {r['module']}:{r['line']} {r['operator']}" + (f" (accepted: {reason})" if reason else "")
         ]

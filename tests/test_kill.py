@@ -121,4 +121,3 @@ def test_train_killed_after_an_epoch_continues_in_its_run_to_an_uninterrupted_ru
     assert again["valid"] == whole["valid"] and again["best_epoch"] == whole["best_epoch"]
     assert (out / "history.csv").read_text().count("\n") == 5
     assert not work.exists() and not list(out.glob(".checkpoint-*"))
-

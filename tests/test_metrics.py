@@ -39,6 +39,8 @@ def test_mae_acc7_acc5_by_hand():
 def test_acc5_clips_negative_labels_at_minus_2_and_acc2_splits_at_zero():
     m = regression_metrics([-2.4, -1.2, 1.0], [-3.0, -1.0, 1.0])
     assert m["acc5"] == 1.0  # -2.4 and -3 both become -2; -1.2 rounds to -1
+    # predictions beyond the label range are clipped before rounding: -3.6 and 3.6 count as -3 and 3
+    assert regression_metrics([-3.6, 3.6], [-3.0, 3.0])["acc7"] == 1.0
     # labels between -1 and 1 keep their sign: Non0 keeps -0.5 and 0.5 and gets both right, and Has0
     # counts 0 and 0.5 as non-negative
     m = regression_metrics([-1.0, 1.0, 0.3], [-0.5, 0.5, 0.0])
@@ -60,6 +62,8 @@ def test_pearson_by_hand():
     # variances other than 1 (the formula must divide by both standard deviations):
     # centred p = (-4, -1, 5)/3, t = (-2, 2, 0); cov = 1, var p = 7/3, var t = 4
     assert regression_metrics([0, 1, 3], [2, 6, 4])["corr"] == pytest.approx(0.5 / math.sqrt(7 / 3))
+    # t = (1, 4, 2): centred (-4, 5, -1)/3; cov = 1/3, var p = var t = 7/3
+    assert regression_metrics([0, 1, 3], [1, 4, 2])["corr"] == pytest.approx(1 / 7)
 
 
 def test_is_better_follows_each_metrics_direction_and_ties_do_not_improve():
@@ -106,6 +110,8 @@ def test_keys_and_bad_input():
     assert tuple(m) == METRIC_NAMES
     with pytest.raises(ValueError, match="2 predictions for 3 labels"):
         regression_metrics([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="3 predictions for 2 labels"):
+        regression_metrics([1, 2, 3], [1, 2])
     with pytest.raises(ValueError, match="finite"):
         regression_metrics([np.nan, 1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="no samples"):
