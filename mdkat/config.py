@@ -115,7 +115,9 @@ class DataConfig(Section):
     sha256: str | None
     base_url: str
     csd_dir: str | None
-    tokenizer: str | None  # cmu-sdk: a local BERT checkpoint folder; its tokenizer makes the word pieces
+    # cmu-sdk: a local BERT checkpoint folder whose tokenizer makes the word pieces; defaults to None only
+    # for manifests written before the key existed (params.yaml always sets it)
+    tokenizer: str | None = None
     cache_dir: str
     mosi_feature_subset: bool
     download_retries: NonNegative

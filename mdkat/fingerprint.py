@@ -31,6 +31,9 @@ _RUN_CODE = (
     "models/bert.py",  # `build` wraps any model in it when model.text_encoder is bert
 )
 _MODELS = "mdkat.models"
+# keys added after results were committed: left unset (None), a key changes nothing a run did, so it stays
+# out of the identity and those results keep their fingerprints
+_ADDED_UNSET = ("data.tokenizer",)
 
 
 def code_digest(model: str | None = None) -> str:
@@ -88,7 +91,11 @@ def _code(source: str) -> bytes:
 
 def identity(params: Params, manifest_sha256: str, code: str | None = None) -> dict[str, Any]:
     """{"params": dotted values, "data": manifest SHA-256, "code": `code_digest` of its model} of one run."""
-    relevant = {k: v for k, v in chosen_flat_dict(params).items() if k.split(".", 1)[0] in _RUN_SECTIONS}
+    relevant = {
+        k: v
+        for k, v in chosen_flat_dict(params).items()
+        if k.split(".", 1)[0] in _RUN_SECTIONS and not (k in _ADDED_UNSET and v is None)
+    }
     relevant.pop("train.device", None)  # a GPU run answers the same question
     return {"params": relevant, "data": manifest_sha256, "code": code or code_digest(params.model.name)}
 

@@ -65,6 +65,15 @@ def test_the_truth_must_regenerate_the_prepared_data(tiny, tmp_path):
     params, data_dir = tiny
     truth = regenerate_truth(load_prepared(data_dir), "here")
     assert truth["test"].cue["text"].shape == load_prepared(data_dir).test.text.shape[:2]
+    # data prepared before `data.tokenizer` existed regenerate as before
+    older = tmp_path / "older"
+    shutil.copytree(data_dir, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["params"]["data.tokenizer"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    np.testing.assert_array_equal(
+        regenerate_truth(load_prepared(older), "older")["test"].cue["text"], truth["test"].cue["text"]
+    )
     # a manifest whose parameters no longer produce these samples: refused, not measured
     copy = tmp_path / "copy"
     shutil.copytree(data_dir, copy)

@@ -310,3 +310,13 @@ def test_a_work_folder_of_another_configuration_is_emptied_before_it_takes_the_n
     (work / "checkpoint.pt").write_bytes(b"a run of the new configuration")
     assert claim_work(work, "new") is True and (work / "checkpoint.pt").exists()
     assert claim_work(tmp_path / "work" / "fresh", "new") is False
+
+
+def test_a_key_added_later_and_left_unset_keeps_earlier_fingerprints():
+    from mdkat.fingerprint import identity
+
+    params = load_params(ROOT / "params.yaml")
+    assert params.data.tokenizer is None and "data.tokenizer" not in identity(params, "x")["params"]
+    changed = load_params(ROOT / "params.yaml", ["data.tokenizer=/models/bert"])
+    assert identity(changed, "x")["params"]["data.tokenizer"] == "/models/bert"
+    assert fingerprint(changed, "x") != fingerprint(params, "x")
