@@ -306,3 +306,18 @@ def test_reconstruction_is_zero_when_the_decoder_reproduces_its_target():
         net.decoder.bias.add_(delta)
         _, terms = net.loss(net(batch), batch, weights())
         assert terms["recon"].item() == pytest.approx((delta.double() ** 2).mean().item(), rel=1e-5)
+
+
+def test_the_loop_trains_misa_at_its_own_learning_rate_not_train_lr(tmp_path):
+    from mdkat.data import load_prepared
+    from mdkat.training import fit
+    from tests.conftest import prepared, tiny_params
+
+    params = tiny_params("model.name=misa", "model.misa.lr=5.0e-4", "train.lr=3.0e-3", "train.epochs=1")
+    result = fit(params, load_prepared(prepared(params, tmp_path)), tmp_path / "out", progress=False)
+    assert result.history[0]["lr"] == 5.0e-4
+    groups = result.model.parameter_groups(params.train.lr)
+    assert [g["lr"] for g in groups] == [5.0e-4]
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(
+        p.numel() for p in result.model.parameters()
+    )
