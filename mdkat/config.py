@@ -49,6 +49,10 @@ def _list_to_tuple(value: Any) -> Any:
 
 
 T = typing.TypeVar("T")
+
+# keys added after results were committed: left unset (None), such a key changes nothing a run did, so it
+# stays out of every identity (a run's parameters, its data's manifest) and those results keep theirs
+ADDED_UNSET = ("data.tokenizer",)
 Items = Annotated[tuple[T, ...], BeforeValidator(_list_to_tuple)]
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mdkat.config import Params, chosen_flat_dict
+from mdkat.config import ADDED_UNSET, Params, chosen_flat_dict
 
 # what a run's result depends on; tune/mlflow/report/ci settings do not change a trained model
 _RUN_SECTIONS = ("data", "model", "loss", "train")
@@ -31,9 +31,6 @@ _RUN_CODE = (
     "models/bert.py",  # `build` wraps any model in it when model.text_encoder is bert
 )
 _MODELS = "mdkat.models"
-# keys added after results were committed: left unset (None), a key changes nothing a run did, so it stays
-# out of the identity and those results keep their fingerprints
-_ADDED_UNSET = ("data.tokenizer",)
 
 
 def code_digest(model: str | None = None) -> str:
@@ -94,7 +91,7 @@ def identity(params: Params, manifest_sha256: str, code: str | None = None) -> d
     relevant = {
         k: v
         for k, v in chosen_flat_dict(params).items()
-        if k.split(".", 1)[0] in _RUN_SECTIONS and not (k in _ADDED_UNSET and v is None)
+        if k.split(".", 1)[0] in _RUN_SECTIONS and not (k in ADDED_UNSET and v is None)
     }
     relevant.pop("train.device", None)  # a GPU run answers the same question
     return {"params": relevant, "data": manifest_sha256, "code": code or code_digest(params.model.name)}

@@ -146,9 +146,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def json_text(data: Any) -> str:
+    """`data` as pretty, key-sorted JSON (NaN and inf as null): what `write_json` writes."""
+    return json.dumps(_json_safe(data), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write `data` as pretty, key-sorted JSON (NaN and inf as null), atomically."""
-    text = json.dumps(_json_safe(data), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    text = json_text(data)
     with atomic_open(path) as f:
         f.write(text.encode())
 

@@ -81,14 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     promote_cmd.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     from mdkat.config import load_params
-    from mdkat.io import sha256_file
+    from mdkat.data.prepared import manifest_digest
 
     params = load_params(args.params)
     try:
         promote(
             tracking_uri(),
             params.mlflow.registered_model,
-            sha256_file(f"{args.data}/manifest.json"),
+            manifest_digest(args.data),
             args.metric,
         )
     except (MdkatError, FileNotFoundError) as e:

@@ -149,3 +149,29 @@ def test_failure_keeps_previous_output(tmp_path, prepared):
         write_prepared(out, splits, {"source": "x", "dataset": "y", "aligned": True})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_key_added_later_and_left_unset_keeps_the_data_identity_of_manifests_written_before_it(tmp_path):
+    import hashlib
+
+    from mdkat.data.prepared import manifest_digest
+    from mdkat.io import write_json
+
+    folder = tmp_path / "prepared"
+    prepare(small_data(), folder)
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["params"]["data.tokenizer"] is None
+    # the same data prepared before the key existed: the manifest without it
+    older = {**manifest, "params": {k: v for k, v in manifest["params"].items() if k != "data.tokenizer"}}
+    write_json(tmp_path / "older.json", older)
+    older_sha = hashlib.sha256((tmp_path / "older.json").read_bytes()).hexdigest()
+    assert manifest_digest(folder) == older_sha
+    assert load_prepared(folder).manifest_sha256 == older_sha
+    assert manifest_digest(folder) != hashlib.sha256(path.read_bytes()).hexdigest()
+    # set, the key is part of the identity: the digest is the file's own
+    write_json(path, {**manifest, "params": {**manifest["params"], "data.tokenizer": "models/bert"}})
+    assert manifest_digest(folder) == hashlib.sha256(path.read_bytes()).hexdigest() != older_sha
+    # any other recorded value still changes it
+    write_json(path, {**manifest, "params": {**manifest["params"], "data.seed": 99}})
+    assert manifest_digest(folder) != older_sha

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mdkat.data.batch import Batch
-from mdkat.data.prepared import SPLITS, DataError, read_manifest, read_split
-from mdkat.io import sha256_file
+from mdkat.data.prepared import SPLITS, DataError, manifest_digest, read_manifest, read_split
 
 
 @dataclass
@@ -19,7 +18,7 @@ class Prepared:
     valid: Batch
     test: Batch
     manifest: dict[str, Any]
-    manifest_sha256: str  # identifies the exact data a run saw (logged as a tag)
+    manifest_sha256: str  # identifies the exact data a run saw (logged as a tag): `manifest_digest`
 
 
 def load_prepared(directory: str | Path, splits: tuple[str, ...] = SPLITS) -> Prepared:
@@ -31,9 +30,7 @@ def load_prepared(directory: str | Path, splits: tuple[str, ...] = SPLITS) -> Pr
     batches = {
         s: Batch.from_arrays(read_split(directory, s, manifest)) if s in splits else None for s in SPLITS
     }
-    return Prepared(
-        **batches, manifest=manifest, manifest_sha256=sha256_file(Path(directory) / "manifest.json")
-    )
+    return Prepared(**batches, manifest=manifest, manifest_sha256=manifest_digest(directory))
 
 
 __all__ = ["Batch", "DataError", "Prepared", "load_prepared"]

@@ -11,6 +11,7 @@ A split in memory is a plain dict with exactly those keys (`SplitArrays`): the f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -19,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from mdkat import MODALITIES
+from mdkat.config import ADDED_UNSET
 from mdkat.errors import MdkatError
-from mdkat.io import atomic_dir, atomic_open, sha256_file, write_json
+from mdkat.io import atomic_dir, atomic_open, json_text, sha256_file, write_json
 
 SPLITS = ("train", "valid", "test")
 LABEL_BOUND = 3.0  # CMU-MOSI/MOSEI sentiment: the mean of annotators' scores in [-3, 3]
@@ -236,3 +238,19 @@ def read_split(directory: str | Path, split: str, manifest: dict[str, Any]) -> S
         arrays = {key: npz[key] for key in npz.files}
     validate_split(arrays, split, str(path))
     return arrays
+
+
+def manifest_digest(directory: str | Path) -> str:
+    """SHA-256 of `directory/manifest.json`, with the recorded parameters of `ADDED_UNSET` left out when
+    unset: data prepared before such a key existed and after it keep one identity (`mdkat.fingerprint`)."""
+    path = Path(directory) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read the manifest ({e})") from None
+    recorded = manifest.get("params", {})
+    unset = [key for key in ADDED_UNSET if key in recorded and recorded[key] is None]
+    if not unset:
+        return sha256_file(path)
+    trimmed = {**manifest, "params": {k: v for k, v in recorded.items() if k not in unset}}
+    return hashlib.sha256(json_text(trimmed).encode()).hexdigest()
