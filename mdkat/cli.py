@@ -49,6 +49,8 @@ def _train(args: argparse.Namespace, params: Params) -> str:
 
     result = train_run(params, args.data, args.out, best=args.best, resume=args.resume)
     valid = result["valid"]
+    if result["run_id"] is None:  # a rank > 0 under torchrun: rank 0 reports the run
+        return f"rank done: best epoch {result['best_epoch']}, valid MAE {valid['mae']:.4f}"
     return (
         f"best epoch {result['best_epoch']}: valid MAE {valid['mae']:.4f}, "
         f"Non0 Acc-2 {valid['acc2_non0']:.4f} in {result['seconds']:.0f} s; MLflow run {result['run_id']}"

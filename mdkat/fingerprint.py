@@ -22,6 +22,7 @@ _RUN_SECTIONS = ("data", "model", "loss", "train")
 # the code that shapes every run and its numbers (relative to the package): a committed run never outlives it
 _RUN_CODE = (
     "training.py",
+    "distributed.py",  # what ranks exchange under torchrun (the models import it too)
     "data/batch.py",
     "data/synthetic.py",
     "metrics.py",

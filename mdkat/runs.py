@@ -18,9 +18,11 @@ from typing import Any
 
 import yaml
 
+from mdkat import distributed
 from mdkat.config import Params, chosen_flat_dict, read_best
 from mdkat.data import load_prepared
 from mdkat.diagnose import diagnose_files, flat_diagnostics
+from mdkat.errors import MdkatError
 from mdkat.evaluation import evaluate
 from mdkat.fingerprint import fingerprint, identity
 from mdkat.io import atomic_open, write_json
@@ -64,6 +66,41 @@ def _resolved_yaml(params: Params) -> str:
 
 
 def train_run(
+    params: Params,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    best: str | Path | None = None,
+    resume: bool | None = None,
+) -> dict[str, Any]:
+    """Train with tracking (`_train_main`); under torchrun every rank trains, rank 0 alone writes and logs."""
+    context = distributed.start(params.train.device)
+    try:
+        if context.is_main:
+            return _train_main(params, data_dir, out_dir, best=best, resume=resume)
+        return _train_other_rank(params, data_dir, out_dir)
+    except Exception as e:
+        if context.world > 1 and distributed.lost_contact(e):
+            raise MdkatError(distributed.lost_contact_message(context, e)) from None
+        raise
+    finally:
+        distributed.stop()
+
+
+def _train_other_rank(params: Params, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """A rank > 0: the same fit, on its shards, resumed when rank 0 says so; writes nothing."""
+    data = load_prepared(data_dir, splits=("train", "valid"))
+    continuing, work = distributed.from_main(None)
+    result = fit(params, data, out_dir, resume=continuing, progress=False, checkpoint_dir=work)
+    return {
+        "run_id": None,
+        "best_epoch": result.best_epoch,
+        "valid": result.best_valid,
+        "seconds": result.seconds,
+    }
+
+
+def _train_main(
     params: Params,
     data_dir: str | Path,
     out_dir: str | Path,
@@ -119,6 +156,7 @@ def train_run(
         work.mkdir(parents=True, exist_ok=True)
         write_json(work / RUN_RECORD, tracker.record())
     write_json(out_dir / RUN_RECORD, tracker.record())
+    distributed.from_main((continuing, str(work)))  # the other ranks resume with rank 0, or not at all
 
     def log_epoch(epoch: int, row: dict[str, float]) -> None:
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)

@@ -16,6 +16,10 @@ preloaded tensors), so there is no DataLoader. Shuffling draws from a dedicated 
 the global RNG states, the optimizer, the scheduler and the early-stopping state are checkpointed
 atomically after every epoch, so that `resume=True` continues an interrupted run to the same result as
 an uninterrupted one. Checkpoints hold only tensors and plain containers (`torch.load(weights_only=True)`).
+
+Under torchrun (`mdkat.distributed`) the same loop runs on every rank: each trains on its shard of every
+global batch through DistributedDataParallel, validation is dealt out by batches and gathered back, and
+rank 0 alone checkpoints, prints and calls `on_epoch`. In one process nothing of this changes a number.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from mdkat import distributed
 from mdkat.config import Params
 from mdkat.data import Batch, Prepared
 from mdkat.errors import MdkatError
@@ -47,12 +53,15 @@ from mdkat.models.encoders import fit_input_statistics
 CHECKPOINT = "checkpoint.pt"
 
 
-def resolve_device(choice: str) -> torch.device:
-    """`auto` -> CUDA when available, else CPU; `cuda` without a GPU is an error, not a silent fallback."""
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    """`auto` -> CUDA when available (the local rank's GPU under torchrun), else CPU; `cuda` without a GPU
+    is an error, not a silent fallback."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise MdkatError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and distributed.launched():
+        return torch.device("cuda", local_rank)
     return torch.device(choice)
 
 
@@ -63,10 +72,12 @@ def autocast(device: torch.device):
 
 
 def eval_outputs(model: nn.Module, data: Batch, batch_size: int) -> Iterator[tuple[Batch, ModelOutput]]:
-    """(batch, output) of `model` in eval mode over `data` in order, on the model's device, no gradients."""
+    """(batch, output) of `model` in eval mode over `data` in order, on the model's device, no gradients;
+    under torchrun each rank takes every `world`-th batch, so that together they cover `data` once."""
     model.eval()
     device = next(model.parameters()).device
-    for start in range(0, len(data), batch_size):
+    context = distributed.current()
+    for start in range(context.rank * batch_size, len(data), context.world * batch_size):
         batch = data.select(torch.arange(start, min(start + batch_size, len(data)))).to(device)
         with torch.no_grad(), autocast(device):
             out = model(batch)
@@ -74,20 +85,27 @@ def eval_outputs(model: nn.Module, data: Batch, batch_size: int) -> Iterator[tup
 
 
 def predict(model: nn.Module, data: Batch, batch_size: int) -> np.ndarray:
-    """Predictions (N,) of `model` in eval mode, in the order of `data`."""
+    """Predictions (N,) of `model` in eval mode, in the order of `data` (every rank's, under torchrun)."""
     preds = [out.pred.float() for _, out in eval_outputs(model, data, batch_size)]
-    return torch.cat(preds).cpu().numpy().astype(np.float64)
+    mine = torch.cat(preds).cpu().numpy().astype(np.float64) if preds else np.zeros(0)
+    ranks = distributed.gather_objects(mine)
+    if len(ranks) == 1:
+        return ranks[0]
+    # rank r holds batches r, r + world, ...: deal them back into their order
+    chunks = [np.array_split(part, range(batch_size, len(part), batch_size)) for part in ranks]
+    ordered = [chunks[i % len(ranks)][i // len(ranks)] for i in range(-(-len(data) // batch_size))]
+    return np.concatenate(ordered)
 
 
 def validation_loss(model: nn.Module, data: Batch, batch_size: int, weights: dict[str, float]) -> float:
-    """Sample-weighted mean of the total loss over `data` (eval mode)."""
+    """Sample-weighted mean of the total loss over `data` (eval mode), summed over the ranks' batches."""
     device = next(model.parameters()).device
     total = torch.zeros((), device=device)
     for batch, out in eval_outputs(model, data, batch_size):
         with torch.no_grad(), autocast(device):
             loss, _ = model.loss(out, batch, weights)
         total += loss.float() * len(batch)
-    return total.item() / len(data)
+    return distributed.sum_over_ranks(total).item() / len(data)
 
 
 @torch.no_grad()
@@ -96,6 +114,17 @@ def _update_average(averaged: nn.Module, model: nn.Module, decay: float) -> None
     torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()), 1.0 - decay)
     for mine, theirs in zip(averaged.buffers(), model.buffers(), strict=True):
         mine.copy_(theirs)
+
+
+class _Step(nn.Module):
+    """`model`'s forward and loss on one batch as one module: DDP reduces the gradients of its output."""
+
+    def __init__(self, model: nn.Module, weights: dict[str, float]):
+        super().__init__()
+        self.model, self.weights = model, weights
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.model.loss(self.model(batch), batch, self.weights)
 
 
 @dataclass
@@ -213,9 +242,12 @@ def fit(
     otherwise stops with the list of what differs.
     """
     cfg = params.train
+    context = distributed.current()
+    progress = progress and context.is_main
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device, context.local_rank)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     dims, aligned = data.manifest["dims"], bool(data.manifest["aligned"])
@@ -229,6 +261,13 @@ def fit(
     model = build(params, dims, aligned, sizes)
     fit_input_statistics(model, data.train)  # from the training split only, before any step
     model = model.to(device)
+    step = _Step(model, weights)  # the loss inside a module's forward: what DDP hooks its all-reduce into
+    if context.world > 1:
+        step = DistributedDataParallel(
+            step,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            forward_sync_buffers=False,  # buffers are updated from the gathered global batch on every rank
+        )  # every parameter gets a gradient every step (tests/test_models.py): no unused-parameter search
     # the weights' moving average is what is validated and kept (the model itself when train.ema is 0)
     averaged = copy.deepcopy(model) if cfg.ema > 0 else model
     optimizer = torch.optim.AdamW(model.parameter_groups(cfg.lr), weight_decay=cfg.weight_decay)
@@ -239,10 +278,15 @@ def fit(
 
     state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": [], "best_model": None}
     checkpoint_path = Path(checkpoint_dir or out_dir) / CHECKPOINT
-    checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+    if context.is_main:
+        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     this_run = identity(params, data.manifest_sha256)
-    if resume and checkpoint_path.exists():
-        saved = load_checkpoint(checkpoint_path)
+    # rank 0's checkpoint, whatever world size wrote it: other ranks may not see its file system
+    saved = (
+        load_checkpoint(checkpoint_path) if resume and context.is_main and checkpoint_path.exists() else None
+    )
+    saved = distributed.from_main(saved)
+    if saved is not None:
         ensure_same_run(checkpoint_path, saved, this_run)
         model.load_state_dict(saved["model"])
         if averaged is not model:
@@ -251,7 +295,8 @@ def fit(
         scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"], generator)
         state = saved["state"]
-        print(f"resuming after epoch {state['epoch']} from {checkpoint_path}", file=sys.stderr)
+        if context.is_main:
+            print(f"resuming after epoch {state['epoch']} from {checkpoint_path}", file=sys.stderr)
 
     start = time.perf_counter()
     stopped_early = False
@@ -264,6 +309,7 @@ def fit(
         model.train()
         order = torch.randperm(n, generator=generator)  # on the CPU; Batch.select moves each slice
         sums: dict[str, torch.Tensor] = {}
+        seen = 0  # samples this rank trained on
         bar = tqdm(
             range(0, n, cfg.batch_size),
             desc=f"epoch {epoch}/{cfg.epochs}",
@@ -274,10 +320,12 @@ def fit(
         )
         for i, offset in enumerate(bar):
             index = order[offset : offset + cfg.batch_size]
+            if len(index) < context.world:  # a last batch too small to give every rank a sample
+                continue
+            index = distributed.shard(index, context)
             batch = train.select(index)
             with autocast(device):
-                out = model(batch)
-                total, terms = model.loss(out, batch, weights)
+                total, terms = step(batch)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -286,12 +334,14 @@ def fit(
                 _update_average(averaged, model, cfg.ema)
             for name, value in (("loss", total.detach()), *terms.items()):
                 sums[name] = sums.get(name, 0.0) + value.float() * len(index)
+            seen += len(index)
             if progress and i % 5 == 0:  # reading the loss syncs the device: not every step
                 bar.set_postfix(loss=f"{total.item():.4f}")
         bar.close()
 
         row: dict[str, float] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row.update({f"train_{name}": value.item() / n for name, value in sums.items()})
+        seen = int(distributed.sum_over_ranks(torch.tensor(seen, device=device)))
+        row.update({f"train_{k}": distributed.sum_over_ranks(v).item() / seen for k, v in sums.items()})
         valid_loss = validation_loss(averaged, valid, cfg.eval_batch_size, weights)
         metrics = regression_metrics(predict(averaged, valid, cfg.eval_batch_size), valid.label.cpu().numpy())
         row["valid_loss"] = valid_loss
@@ -308,6 +358,8 @@ def fit(
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         state["history"].append(row)
+        if not context.is_main:
+            continue
         print(
             f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  valid loss {valid_loss:.4f}  "
             f"{cfg.select_on} {score:.4f}  mae {metrics['mae']:.4f}  acc2 {metrics['acc2_non0']:.4f}  "
@@ -334,8 +386,9 @@ def fit(
     if state["best_model"] is None:
         raise MdkatError("training produced no usable epoch (the validation metric was NaN every time)")
     averaged.load_state_dict(state["best_model"])
-    _save(out_dir / "model.pt", {"model": state["best_model"], **model.spec})
-    _write_history(out_dir / "history.csv", state["history"])
+    if context.is_main:
+        _save(out_dir / "model.pt", {"model": state["best_model"], **model.spec})
+        _write_history(out_dir / "history.csv", state["history"])
     return FitResult(
         model=averaged,
         best_epoch=state["best_epoch"],

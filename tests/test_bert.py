@@ -222,3 +222,10 @@ def test_bert_on_data_without_word_pieces_is_refused_before_training(bert_dir, t
     with pytest.raises(MdkatError, match="no word pieces"):
         fit(_bert_params(bert_dir), data, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_a_model_with_its_own_learning_rate_keeps_it_beside_bert(bert_dir, tmp_path, prepared_tokens):
+    params = _bert_params(bert_dir, "model.name=misa", "model.misa.lr=4.0e-4", "train.epochs=1")
+    fit(params, load_prepared(prepared_tokens, splits=("train", "valid")), tmp_path, progress=False)
+    groups = load_checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [4.0e-4, params.model.bert.lr]

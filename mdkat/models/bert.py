@@ -136,11 +136,9 @@ class WithBert(Model):
         return self.model.loss(out, batch, weights)
 
     def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
-        """The wrapped model's parameters at `lr` (first: the history's `lr`), BERT's at its own rate."""
-        return [
-            {"params": list(self.model.parameters()), "lr": lr},
-            {"params": list(self.bert.parameters()), "lr": self.bert_lr},
-        ]
+        """The wrapped model's groups (the first: the history's `lr`), then BERT's at its own rate."""
+        bert = {"params": list(self.bert.parameters()), "lr": self.bert_lr}
+        return [*self.model.parameter_groups(lr), bert]
 
     def bert_config(self) -> dict[str, Any]:
         """What rebuilds this BERT without its checkpoint folder."""

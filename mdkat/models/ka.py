@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mdkat.distributed import gather_rows, gather_rows_with_grad
+
 LABEL_SCALE = 1.0  # label units (the [-3, 3] scale): a gap of one point gives a weight of 0.63
 
 
@@ -32,10 +34,15 @@ class KnowledgeAggregation(nn.Module):
     def forward(self, pooled: dict[str, Tensor], label: Tensor) -> Tensor:
         z = F.normalize(self.head(torch.stack(list(pooled.values()))), dim=-1)  # (M, B, d)
         prototype = F.normalize(z.mean(0), dim=-1)  # (B, d)
-        s = torch.einsum("mbd,cd->mbc", z, prototype) / self.temperature  # (M, B, B)
-        gap = (label[:, None] - label[None, :]).abs()  # (B, B)
+        labels, offset = label, 0
+        if self.training:  # under torchrun: the other ranks' samples are negatives too (G = global batch)
+            prototype, offset = gather_rows_with_grad(prototype)  # (G, d)
+            labels, _ = gather_rows(label)  # (G,)
+        s = torch.einsum("mbd,cd->mbc", z, prototype) / self.temperature  # (M, B, G)
+        gap = (label[:, None] - labels[None, :]).abs()  # (B, G)
         weight = 1.0 - torch.exp(-gap / LABEL_SCALE)
-        weight.fill_diagonal_(1.0)
+        own = torch.arange(len(label), device=label.device)  # sample i's prototype is column offset + i
+        weight[own, own + offset] = 1.0
         logits = s + torch.log(weight.clamp_min(1e-12))  # a weight of 0 removes the negative
-        positive = s.diagonal(dim1=1, dim2=2)  # (M, B)
+        positive = s[:, own, own + offset]  # (M, B)
         return (torch.logsumexp(logits, dim=-1) - positive).mean()

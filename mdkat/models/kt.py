@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mdkat.distributed import gather_rows
+
 
 class KnowledgeTransfer(nn.Module):
     """Running per-modality errors (buffers) and the transfer loss between unimodal predictions."""
@@ -36,7 +38,11 @@ class KnowledgeTransfer(nn.Module):
     @torch.no_grad()
     def update(self, unimodal: dict[str, Tensor], label: Tensor) -> None:
         """Fold one training batch's unimodal errors into the running errors."""
-        batch_error = torch.stack([(unimodal[m].float() - label).abs().mean() for m in self.modalities])
+        # the global batch under torchrun, so that every rank keeps the same errors
+        label, _ = gather_rows(label)
+        batch_error = torch.stack(
+            [(gather_rows(unimodal[m].float())[0] - label).abs().mean() for m in self.modalities]
+        )
         # torch.where rather than an if on the counter: no device-to-host sync in the training step
         moved = torch.lerp(self.error, batch_error, 1.0 - self.momentum)
         self.error.copy_(torch.where(self.updates == 0, batch_error, moved))

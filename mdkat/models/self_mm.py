@@ -88,6 +88,7 @@ from mdkat.config import (
     Section,
 )
 from mdkat.data import Batch
+from mdkat.distributed import gather_rows
 from mdkat.models import losses
 from mdkat.models.base import Model, ModelOutput, weighted_total
 from mdkat.models.encoders import InputNormalisation, LastState, masked_mean, valid_mask
@@ -210,10 +211,14 @@ class UnimodalLabels(nn.Module):
     @torch.no_grad()
     def step(self, index: Tensor, label: Tensor, features: Mapping[str, Tensor]) -> Tensor:
         """One training batch: (B, 3) the labels to train on now, then the update of its samples' state."""
+        # under torchrun: the update from the global batch (G samples) on every rank, so that the state
+        # stays identical; this rank trains on its own rows of it
+        rows = len(index)
+        index, offset = gather_rows(index)
         # centres and distances in float32, also under the training loop's bf16 autocast
         with torch.autocast(index.device.type, enabled=False):
-            features = {name: features[name].detach().float() for name in REPRESENTATIONS}  # F_i (B, d_i)
-            label = label.detach().float()  # (B,)
+            features = {name: gather_rows(features[name].detach().float())[0] for name in REPRESENTATIONS}
+            label = gather_rows(label.detach().float())[0]  # (G,); features F_i (G, d_i)
             first = self.visits[index] == 0  # (B,)
             self.human[index] = label
             self.generated[index] = torch.where(first[:, None], label[:, None], self.generated[index])
@@ -225,7 +230,7 @@ class UnimodalLabels(nn.Module):
             for name in REPRESENTATIONS:
                 self.memory(name)[index] = features[name]
             self.visits[index] += 1
-        return targets
+        return targets[offset : offset + rows]
 
 
 class SelfMM(Model):
