@@ -230,3 +230,26 @@ def test_a_rank_that_hangs_ends_the_run_after_the_timeout_with_a_clear_error(dat
         -3000:
     ]
     assert "MDKAT_DIST_TIMEOUT_S" in done.stderr
+
+
+def test_launch_errors_name_what_is_wrong(monkeypatch):
+    from mdkat import distributed
+    from mdkat.errors import MdkatError
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.start("cpu") == distributed.Context(rank=0, world=1, local_rank=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MdkatError, match=r"\['RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'\] not set"):
+        distributed.start("cpu")
+    for name, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "1"),
+    ):
+        monkeypatch.setenv(name, value)
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv("MDKAT_DIST_TIMEOUT_S", bad)
+        with pytest.raises(MdkatError, match=f"MDKAT_DIST_TIMEOUT_S='{bad}': expected a positive number"):
+            distributed.start("cpu")

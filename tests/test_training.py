@@ -293,6 +293,11 @@ def test_device_choice_follows_cuda_availability(monkeypatch):
         resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda") and resolve_device("cpu") == torch.device("cpu")
+    # under torchrun: each process its local rank's GPU; the CPU stays the CPU
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resolve_device("auto", local_rank=3) == torch.device("cuda", 3)
+    assert resolve_device("cuda", local_rank=2) == torch.device("cuda", 2)
+    assert resolve_device("cpu", local_rank=2) == torch.device("cpu")
     # bf16 on the GPU, nothing on the CPU (float32 there); this torch has no CUDA to build the real one
     monkeypatch.setattr(torch, "autocast", lambda **chosen: chosen)
     assert autocast(torch.device("cuda")) == {"device_type": "cuda", "dtype": torch.bfloat16, "enabled": True}
