@@ -7,8 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from mlflow.tracking import MlflowClient
 
 from mdkat.config import DataConfig, Params, load_params
 
@@ -94,6 +92,8 @@ def one_thread_per_test_process():
     if "PYTEST_XDIST_WORKER" not in os.environ:
         yield
         return
+    import torch
+
     before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -109,6 +109,8 @@ def one_thread_per_test_process():
 def one_torch_thread():
     """Tiny tensors: a second intra-op thread only adds barriers, and when the other core is busy (another
     test process) OpenMP's spinning makes every operator orders of magnitude slower."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -118,6 +120,8 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory) -> Path:
     """An empty, migrated MLflow sqlite database for the tests to copy: migrating one takes seconds."""
+    from mlflow.tracking import MlflowClient  # here: importing MLflow costs seconds a test process
+
     folder = tmp_path_factory.mktemp("empty-store")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)  # the default experiment's artifact root is taken from the cwd

@@ -57,6 +57,10 @@ def _test_command(tests: list[str]) -> list[str]:
         "-q",
         "-p",
         "no:cacheprovider",
+        "-p",  # plugins the tests do not use cost a second of start-up per mutant
+        "no:hydra_pytest",
+        "-p",
+        "no:anyio",
         *tests,
     ]
 
