@@ -257,3 +257,78 @@ def test_row_count_mismatch(tmp_path: Path) -> None:
     path = _h5(tmp_path / "rows.csd", lambda f: _video(f, [[0, 1], [1, 2]], np.zeros((3, 2))))
     message = _raises(path, "'vid7'", "'features'", "'intervals'")
     assert "3 rows" in message and "has 2" in message
+
+
+# -------------------------------------------------------------------------------------------------------
+# what mutation testing found unchecked (reports/mutation)
+
+
+@pytest.mark.parametrize("intervals", [[[[0.0, 1.0], [1.0, 2.0]]], [[0.0], [1.0]]], ids=["3-d", "(n, 1)"])
+def test_intervals_of_another_rank_or_width_are_refused(tmp_path: Path, intervals) -> None:
+    n = np.asarray(intervals).shape[0]
+    path = _h5(tmp_path / "rank.csd", lambda f: _video(f, intervals=intervals, features=np.zeros((n, 2))))
+    assert "(n, 2)" in _raises(path, "'vid7'", "'intervals'")
+
+
+@pytest.mark.parametrize("features", [np.zeros(2), np.zeros((2, 3, 1))], ids=["1-d", "3-d"])
+def test_features_that_are_not_a_matrix_are_refused(tmp_path: Path, features) -> None:
+    path = _h5(tmp_path / "feat.csd", lambda f: _video(f, [[0, 1], [1, 2]], features))
+    assert "(n, d)" in _raises(path, "'vid7'", "'features'")
+
+
+def test_fewer_feature_rows_than_intervals_are_refused_with_both_counts(tmp_path: Path) -> None:
+    path = _h5(tmp_path / "few.csd", lambda f: _video(f, [[0, 1], [1, 2], [2, 3]], np.zeros((1, 4))))
+    assert "has 1 rows, 'intervals' has 3" in _raises(path, "'vid7'")
+
+
+def test_long_videos_and_zero_length_intervals_read_back(tmp_path: Path) -> None:
+    # 300 rows: row counts beyond the small integers Python caches compare by value, not identity
+    starts = np.arange(300) * 0.5
+    intervals = np.stack([starts, starts + 0.5], axis=1)
+    intervals[7, 1] = intervals[7, 0]  # a word of zero length: a valid span
+    features = np.arange(600, dtype=np.float32).reshape(300, 2)
+    write_csd(tmp_path / "long.csd", {"v": (intervals, features)}, "r")
+    read = read_csd(tmp_path / "long.csd")["v"]
+    np.testing.assert_array_equal(read[0], intervals)
+    np.testing.assert_array_equal(read[1], features)
+
+
+@pytest.mark.parametrize(
+    ("rows", "why", "first"),
+    [
+        ([[0, 1], [-1.0, -2.0]], "is negative", 1),  # negative and reversed at once: still invalid
+        ([[0, 1], [0.5, 0.0]], "starts after it ends", 1),  # reversed, ending at 0: not negative
+        ([[0, 1], [3, 2], [np.nan, 1]], "starts after it ends", 1),  # the first of two is named
+    ],
+    ids=["negative-and-reversed", "reversed-to-zero", "first-of-two"],
+)
+def test_the_first_invalid_row_and_its_reason_are_named(tmp_path: Path, rows, why, first) -> None:
+    path = _h5(tmp_path / "bad.csd", lambda f: _video(f, rows, np.zeros((len(rows), 2))))
+    bad = sum(1 for a, b in rows[1:] if not (0 <= a <= b))
+    message = _raises(path, "'vid7'", why)
+    assert f"row {first} " in message and f"({bad} invalid rows" in message
+
+
+def test_an_invalid_row_in_a_later_video_names_that_video_and_its_own_row(tmp_path: Path) -> None:
+    def build(f: h5py.File) -> None:
+        _video(f, [[0, 1], [1, 2]], np.zeros((2, 2)), video="a")
+        _video(f, [[0, 1], [1, 2]], np.zeros((2, 2)), video="b")
+        _video(f, [[0, 1], [1, 2], [5, 4]], np.zeros((3, 2)), video="c")  # the first invalid row of the file
+        _video(f, [[0, 1], [-1, 2]], np.zeros((2, 2)), video="d")
+
+    message = _raises(
+        _h5(tmp_path / "later.csd", build), "'c'", "row 2 starts after it ends", "(1 invalid rows"
+    )
+    assert not any(f"'{v}'" in message for v in "abd")
+
+
+def test_metadata_that_is_not_text_reads_as_text_and_keeps_its_order(tmp_path: Path) -> None:
+    path = _h5(
+        tmp_path / "meta.csd",
+        lambda f: (_video(f, [[0, 1]], [[1.0]]), f["r"].create_dataset("metadata/n", data=5)),
+    )
+    assert read_csd_metadata(path) == {"n": "5"}
+    write_csd(
+        tmp_path / "order.csd", {"v": (np.array([[0.0, 1.0]]), np.ones((1, 1)))}, "r", {"z": "1", "a": "2"}
+    )
+    assert list(read_csd_metadata(tmp_path / "order.csd")) == ["z", "a"]
