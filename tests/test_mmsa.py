@@ -478,3 +478,154 @@ def test_prepare_downloads_by_url_and_verifies_the_published_digest(tmp_path):
             prepare(wrong, tmp_path / "o2")
     assert not (tmp_path / "o2").exists()
     assert not [p for p in (tmp_path / "c2").rglob("*") if p.is_file()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what mutation testing found unchecked (reports/mutation)
+
+
+def test_a_python_2_name_is_shown_as_written_and_a_python_3_name_alone(tmp_path):
+    for module, written in (("__builtin__", " (written as '__builtin__.eval')"), ("builtins", "")):
+        path = tmp_path / f"{module}.pkl"
+        path.write_bytes(_call_pickle(module, "eval", "1", 0))
+        with pytest.raises(DataError) as e:
+            safe_load_pickle(path)
+        assert f"'builtins.eval'{written}: only numpy arrays" in str(e.value)
+
+
+def test_trailing_zero_lengths_over_many_chunks_equal_a_sample_by_sample_count():
+    from mdkat.data.mmsa import _trailing_zero_lengths
+
+    # T x d = 2^24: one sample per chunk, so every chunk boundary is crossed
+    x = np.zeros((4, 4096, 4096), dtype=np.uint8)
+    x[0, 4] = 1
+    x[2, -1, -1] = 1
+    x[3, :7, 0] = 1
+    naive = [max((t + 1 for t in range(4096) if x[i, t].any()), default=0) for i in (0, 1, 2, 3)]
+    assert naive == [5, 0, 4096, 7]
+    np.testing.assert_array_equal(_trailing_zero_lengths(x), naive)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (np.array([3.0, 5.0]), [3, 5]),  # whole floats are lengths
+        (np.array([2.5, 5.0]), "lengths must be whole numbers"),
+        (np.array([np.nan, 5.0]), "lengths must be whole numbers"),
+        (np.array([[3, 5]]), "expected a vector of integers"),
+        (np.array(3), "expected a vector of integers"),
+        (np.array(["3", "5"]), "expected a vector of integers"),
+    ],
+    ids=["whole-floats", "fraction", "nan", "2-d", "0-d", "strings"],
+)
+def test_given_lengths_are_whole_numbers_in_a_vector(value, expected):
+    from mdkat.data.mmsa import _given_lengths
+
+    if isinstance(expected, str):
+        with pytest.raises(DataError, match=f"split 's' key 'k': {expected}"):
+            _given_lengths(value, "f.pkl", "s", "k")
+    else:
+        out = _given_lengths(value, "f.pkl", "s", "k")
+        assert out.dtype == np.int64 and out.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(7, 3, 7), (7, 3, 5), (7, 4, 6), (7, 3, 6, 1), (7, 18)],
+    ids=["T+1", "T-1", "4-rows", "4-d", "2-d"],
+)
+def test_a_text_bert_of_another_shape_is_refused(shape):
+    data = make_mmsa(ALIGNED, seed=3)
+    data["train"]["text_bert"] = np.ones(shape, dtype=np.int64)
+    with pytest.raises(DataError, match=r"'text_bert': expected shape \(N, 3, 6\)"):
+        from_mmsa(data, "x.pkl")
+
+
+def test_long_texts_take_their_lengths_from_the_mask():
+    steps = {"text": 300, "audio": 300, "vision": 300}  # beyond the small integers Python caches
+    data = make_mmsa(steps, seed=4)
+    splits, info = from_mmsa(data, "x.pkl")
+    np.testing.assert_array_equal(splits["train"]["text_len"], data["train"]["text_bert"][:, 1].sum(axis=1))
+
+
+@pytest.mark.parametrize("shape", [(7, 1, 1), (7, 2), ()], ids=["3-d", "two-columns", "0-d"])
+def test_labels_that_are_not_one_per_sample_are_refused(shape):
+    data = make_mmsa(ALIGNED, seed=5)
+    data["train"]["regression_labels"] = np.zeros(shape)
+    with pytest.raises(DataError, match="'regression_labels': expected numbers of shape"):
+        from_mmsa(data, "x.pkl")
+
+
+def test_unaligned_audio_and_vision_without_length_keys_ignore_the_text_mask():
+    data = make_mmsa(UNALIGNED, seed=6)
+    for part in data.values():
+        part["audio"][:, 4:] = 0.0  # trailing zeros: audio length 4
+        part["vision"][:, 10:] = 0.0  # vision length 10
+    splits, info = from_mmsa(data, "x.pkl")
+    assert info["lengths_from"] == {
+        "text": "text_bert attention mask",
+        "audio": "trailing zero rows",
+        "vision": "trailing zero rows",
+    }
+    assert (
+        splits["valid"]["audio_len"].tolist() == [4] * 3
+        and splits["valid"]["vision_len"].tolist() == [10] * 3
+    )
+
+
+def test_lengths_of_one_are_kept_and_only_zeros_are_raised_and_counted():
+    data = make_mmsa(ALIGNED, seed=7)
+    for part in data.values():
+        del part["text_bert"]
+        part["text"][:] = 0.0
+        part["text"][:, 0] = 1.0  # every sample one step long
+    data["train"]["text"][2] = 0.0  # one sample with none
+    splits, info = from_mmsa(data, "x.pkl")
+    assert splits["train"]["text_len"].tolist() == [1] * 7
+    assert info["lengths_raised_to_1"]["train"]["text"] == 1
+    assert info["lengths_raised_to_1"]["valid"]["text"] == 0
+
+
+@pytest.mark.parametrize(
+    ("ids", "expected"),
+    [
+        (np.array(["a", "b"]), ["a", "b"]),
+        (np.array([b"a", b"\xc3\xa9"]), ["a", "é"]),
+        (np.array([b"a", 3], dtype=object), ["a", "3"]),
+    ],
+    ids=["str", "bytes", "object"],
+)
+def test_ids_of_every_stored_kind_become_strings(ids, expected):
+    data = make_mmsa(ALIGNED, seed=8)
+    data = {
+        s: {k: (v[:2] if hasattr(v, "__len__") and len(v) else v) for k, v in p.items()}
+        for s, p in data.items()
+    }
+    for part in data.values():
+        part["id"] = ids[: len(expected)]
+    splits, _ = from_mmsa(data, "x.pkl")
+    assert splits["test"]["id"].tolist() == expected
+
+
+def test_ids_that_are_not_a_vector_are_refused():
+    data = make_mmsa(ALIGNED, seed=8)
+    data["valid"]["id"] = np.array([["a"], ["b"], ["c"]])
+    with pytest.raises(DataError, match=r"split 'valid' key 'id': expected shape \(3,\), got \(3, 1\)"):
+        from_mmsa(data, "x.pkl")
+
+
+def test_splits_that_disagree_with_train_are_named_with_train_values():
+    data = make_mmsa(UNALIGNED, seed=9, lengths_keys=True)
+    data["test"]["audio"] = data["test"]["audio"][:, :5]
+    with pytest.raises(
+        DataError, match=r"split 'test' key 'audio': shape \(T, d\) = \(5, 3\) differs from train's \(9, 3\)"
+    ):
+        from_mmsa(data, "x.pkl")
+    data = make_mmsa(UNALIGNED, seed=9, lengths_keys=True)
+    del data["test"]["vision_lengths"]
+    with pytest.raises(
+        DataError,
+        match="split 'test' key 'vision': lengths come from 'trailing zero rows' but in train from "
+        "'vision_lengths'",
+    ):
+        from_mmsa(data, "x.pkl")

@@ -175,3 +175,154 @@ def test_a_key_added_later_and_left_unset_keeps_the_data_identity_of_manifests_w
     # any other recorded value still changes it
     write_json(path, {**manifest, "params": {**manifest["params"], "data.seed": 99}})
     assert manifest_digest(folder) != older_sha
+
+
+# -------------------------------------------------------------------------------------------------------
+# what mutation testing found unchecked (reports/mutation): each part of every check, alone
+
+
+def _split(n: int = 24, tokens: bool = False) -> dict[str, np.ndarray]:
+    """A valid split of `n` samples (text 6 steps x 24 features), with word pieces when `tokens`."""
+    arrays = {k: v.copy() for k, v in generate(small_data()).splits["train"].items()}
+    arrays = {k: np.concatenate([v] * (-(-n // len(v))))[:n] for k, v in arrays.items()}
+    if tokens:
+        ids = np.array([[101, 7, 0, 0], [101, 0, 5, 102], [3, 0, 0, 0]] * n)[:n]  # id 0 is a valid piece
+        mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]] * n)[:n]  # one piece alone is enough
+        arrays.update(text_ids=ids.astype(np.int64), text_mask=mask.astype(np.int64))
+        arrays["text_segment"] = np.zeros_like(arrays["text_ids"])
+    return arrays
+
+
+def _with(arrays: dict[str, np.ndarray], **changes) -> dict[str, np.ndarray]:
+    return {**arrays, **changes}
+
+
+def test_valid_splits_of_every_size_and_edge_pass():
+    from mdkat.data.prepared import validate_split
+
+    for n in (1, 2, 300):  # one sample; more than the small integers Python caches
+        validate_split(_split(n, tokens=True), "train", "here")
+    edge = _split(3)
+    t = edge["text"].shape[1]
+    edge["text_len"] = np.array([1, t, 2], dtype=np.int64)  # a length of 1 and the full length
+    validate_split(edge, "train", "here")
+
+
+def _broken():
+    s, t = _split(), _split(tokens=True)
+    n, steps = len(s["label"]), s["text"].shape[1]
+    return [
+        (_with(s, **{k: s[k][:0] for k in s}), "split 'train' is empty"),
+        (_with(s, audio=s["audio"][..., None]), "key 'audio': expected rank 3"),
+        (_with(s, audio=s["audio"].astype(np.float64)), "key 'audio': expected float32, got float64"),
+        (_with(s, audio=s["audio"].astype(np.float16)), "key 'audio': expected float32, got float16"),
+        (_with(s, text_len=s["text_len"][:-1]), f"key 'text_len': expected int64 of shape \\({n},\\)"),
+        (_with(s, text_len=np.concatenate([s["text_len"], [1]])), "key 'text_len': expected int64"),
+        (_with(s, text_len=s["text_len"].astype(np.int32)), "key 'text_len': expected int64"),
+        (
+            _with(s, text_len=np.full(n, steps + 1)),
+            f"lengths must lie in \\[1, {steps}\\], got \\[{steps + 1}",
+        ),
+        (_with(s, id=s["id"][:-1]), f"key 'id' has {n - 1} samples, 'label' has {n}"),
+        (_with(s, id=np.concatenate([s["id"], ["x"]])), f"key 'id' has {n + 1} samples"),
+        (_with(s, label=s["label"][:, None]), "key 'label': expected float32 of shape"),
+        (_with(s, label=s["label"].astype(np.float64)), "key 'label': expected float32"),
+        (_with(s, label=s["label"].astype(np.float16)), "key 'label': expected float32"),
+        (_with(s, id=s["id"].astype(bytes)), "key 'id': expected strings"),
+        (_with(s, id=np.arange(n)), "key 'id': expected strings"),
+        (_with(s, text_ids=t["text_ids"]), "has \\['text_ids'\\] but not \\['text_mask', 'text_segment'\\]"),
+        (_with(t, text_mask=t["text_mask"].astype(np.int32)), "key 'text_mask': expected int64"),
+        (_with(t, text_segment=np.zeros((n, 5), np.int64)), "key 'text_segment': expected int64"),
+        (
+            _with(t, **{k: t[k][..., None] for k in ("text_ids", "text_mask", "text_segment")}),
+            "expected int64",
+        ),
+        (_with(t, **{k: t[k][:-1] for k in ("text_ids", "text_mask", "text_segment")}), "expected int64"),
+        (_with(t, text_mask=np.where(t["text_mask"] == 1, 2, 0)), "key 'text_mask': expected 0/1 values"),
+        (_with(t, text_mask=-t["text_mask"]), "key 'text_mask': expected 0/1 values"),
+        (_with(t, text_mask=np.tile([1, 0, 1, 0], (n, 1))), "word pieces must precede the padding"),
+        (_with(t, text_mask=np.tile([1, 1, 1, 1], (n, 1)) * (np.arange(n) > 0)[:, None]), "without any word"),
+        (_with(t, text_ids=t["text_ids"] - 102), "key 'text_ids': negative token ids"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_broken())))
+def test_each_broken_part_of_a_split_is_named(case):
+    from mdkat.data.prepared import validate_split
+
+    arrays, message = _broken()[case]
+    with pytest.raises(DataError, match=message):
+        validate_split(arrays, "train", "here")
+
+
+def test_the_manifest_records_hand_counted_label_fractions_and_the_format(tmp_path):
+    splits = generate(small_data()).splits
+    splits["train"]["label"][:] = 0.5
+    splits["train"]["label"][:4] = [0.0, 0.0, -1.0, 2.0]  # 24 labels: 2 zero, 21 positive
+    manifest = write_prepared(tmp_path / "p", splits, {"source": "x", "dataset": "y", "aligned": True})
+    stats = manifest["label_stats"]["train"]
+    assert stats["fraction_zero"] == 2 / 24 and stats["fraction_positive"] == 21 / 24
+    assert manifest["format_version"] == 1  # data prepared by earlier versions stay readable
+    assert "text_tokens" not in manifest
+    # word pieces: their count per sample is recorded
+    for arrays in splits.values():
+        pieces = _split(len(arrays["label"]), tokens=True)
+        arrays.update({k: v for k, v in pieces.items() if k.startswith("text_") and k != "text_len"})
+    manifest = write_prepared(tmp_path / "q", splits, {"source": "x", "dataset": "y", "aligned": True})
+    assert manifest["text_tokens"] == 4
+
+
+def test_splits_whose_steps_or_features_differ_from_train_are_refused(tmp_path):
+    splits = generate(small_data()).splits
+    splits["test"]["vision"] = np.concatenate([splits["test"]["vision"]] * 2, axis=2)
+    with pytest.raises(
+        DataError, match="split 'test' key 'vision': shape \\(T, d\\) = \\(.*\\) differs from train"
+    ):
+        write_prepared(tmp_path / "p", splits, {"source": "x", "dataset": "y", "aligned": True})
+
+
+@pytest.mark.parametrize("version", [0, 2, "1"])
+def test_a_manifest_of_another_format_version_is_refused(prepared, tmp_path, version):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
+    with pytest.raises(DataError, match=f"format_version {version!r}, expected 1"):
+        load_prepared(copy)
+
+
+def test_unreadable_manifests_and_unlisted_files_are_data_errors(prepared, tmp_path):
+    import shutil
+
+    from mdkat.data.prepared import manifest_digest, read_split
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    with pytest.raises(DataError, match="manifest.json: no checksum for 'valid.npz'"):
+        read_split(copy, "valid", {**manifest, "files": {}})
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="manifest.json: not valid JSON"):
+        load_prepared(copy)
+    with pytest.raises(DataError, match="manifest.json: cannot read the manifest"):
+        manifest_digest(copy)
+
+
+def test_a_split_file_with_pickled_objects_is_refused(prepared, tmp_path):
+    import hashlib
+    import shutil
+
+    from mdkat.data.prepared import read_split
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    with np.load(copy / "valid.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["id"] = arrays["id"].astype(object)  # loading it would run the unpickler
+    np.savez(copy / "valid.npz", **arrays)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["valid.npz"] = hashlib.sha256((copy / "valid.npz").read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="allow_pickle"):
+        read_split(copy, "valid", manifest)
