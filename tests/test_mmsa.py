@@ -438,12 +438,12 @@ def test_load_by_path_checks_the_digest_and_records_provenance(tmp_path):
 
 def test_load_by_path_with_a_wrong_digest_is_refused(tmp_path):
     path = _write(tmp_path / "aligned_50.pkl", make_mmsa(ALIGNED, seed=11))
-    wrong = "0" * 64
-    with pytest.raises(DataError, match="SHA-256 mismatch") as e:
-        load_mmsa(_mmsa_cfg(path=str(path), sha256=wrong))
-    message = str(e.value)
-    assert str(path) in message and wrong in message
-    assert hashlib.sha256(path.read_bytes()).hexdigest() in message
+    for wrong in ("0" * 64, "f" * 64):  # below and above the true digest
+        with pytest.raises(DataError, match="SHA-256 mismatch") as e:
+            load_mmsa(_mmsa_cfg(path=str(path), sha256=wrong))
+        message = str(e.value)
+        assert str(path) in message and wrong in message
+        assert hashlib.sha256(path.read_bytes()).hexdigest() in message
 
 
 def test_load_needs_a_digest_for_an_url_and_some_source_at_all(tmp_path):
@@ -485,12 +485,16 @@ def test_prepare_downloads_by_url_and_verifies_the_published_digest(tmp_path):
 
 
 def test_a_python_2_name_is_shown_as_written_and_a_python_3_name_alone(tmp_path):
-    for module, written in (("__builtin__", " (written as '__builtin__.eval')"), ("builtins", "")):
+    for module, name, shown in (
+        ("__builtin__", "eval", "'builtins.eval' (written as '__builtin__.eval')"),
+        ("urllib2", "urlopen", "'urllib.request.urlopen' (written as 'urllib2.urlopen')"),  # sorts after
+        ("builtins", "eval", "'builtins.eval'"),
+    ):
         path = tmp_path / f"{module}.pkl"
-        path.write_bytes(_call_pickle(module, "eval", "1", 0))
+        path.write_bytes(_call_pickle(module, name, "1", 0))
         with pytest.raises(DataError) as e:
             safe_load_pickle(path)
-        assert f"'builtins.eval'{written}: only numpy arrays" in str(e.value)
+        assert f"{shown}: only numpy arrays" in str(e.value)
 
 
 def test_trailing_zero_lengths_over_many_chunks_equal_a_sample_by_sample_count():
@@ -511,12 +515,13 @@ def test_trailing_zero_lengths_over_many_chunks_equal_a_sample_by_sample_count()
     [
         (np.array([3.0, 5.0]), [3, 5]),  # whole floats are lengths
         (np.array([2.5, 5.0]), "lengths must be whole numbers"),
+        (np.array([2.6, 5.0]), "lengths must be whole numbers"),  # rounds up
         (np.array([np.nan, 5.0]), "lengths must be whole numbers"),
         (np.array([[3, 5]]), "expected a vector of integers"),
         (np.array(3), "expected a vector of integers"),
         (np.array(["3", "5"]), "expected a vector of integers"),
     ],
-    ids=["whole-floats", "fraction", "nan", "2-d", "0-d", "strings"],
+    ids=["whole-floats", "fraction", "fraction-rounding-up", "nan", "2-d", "0-d", "strings"],
 )
 def test_given_lengths_are_whole_numbers_in_a_vector(value, expected):
     from mdkat.data.mmsa import _given_lengths
@@ -531,8 +536,8 @@ def test_given_lengths_are_whole_numbers_in_a_vector(value, expected):
 
 @pytest.mark.parametrize(
     "shape",
-    [(7, 3, 7), (7, 3, 5), (7, 4, 6), (7, 3, 6, 1), (7, 18)],
-    ids=["T+1", "T-1", "4-rows", "4-d", "2-d"],
+    [(7, 3, 7), (7, 3, 5), (7, 4, 6), (7, 3, 6, 1), (7, 18), (7, 3)],
+    ids=["T+1", "T-1", "4-rows", "4-d", "2-d", "2-d-of-3"],
 )
 def test_a_text_bert_of_another_shape_is_refused(shape):
     data = make_mmsa(ALIGNED, seed=3)
@@ -548,7 +553,9 @@ def test_long_texts_take_their_lengths_from_the_mask():
     np.testing.assert_array_equal(splits["train"]["text_len"], data["train"]["text_bert"][:, 1].sum(axis=1))
 
 
-@pytest.mark.parametrize("shape", [(7, 1, 1), (7, 2), ()], ids=["3-d", "two-columns", "0-d"])
+@pytest.mark.parametrize(
+    "shape", [(7, 1, 1), (7, 2), (7, 0), ()], ids=["3-d", "two-columns", "no-column", "0-d"]
+)
 def test_labels_that_are_not_one_per_sample_are_refused(shape):
     data = make_mmsa(ALIGNED, seed=5)
     data["train"]["regression_labels"] = np.zeros(shape)
@@ -591,7 +598,7 @@ def test_lengths_of_one_are_kept_and_only_zeros_are_raised_and_counted():
     [
         (np.array(["a", "b"]), ["a", "b"]),
         (np.array([b"a", b"\xc3\xa9"]), ["a", "é"]),
-        (np.array([b"a", 3], dtype=object), ["a", "3"]),
+        (np.array([b"\xc3\xa9", 3], dtype=object), ["é", "3"]),  # numpy's own cast reads bytes as ASCII
     ],
     ids=["str", "bytes", "object"],
 )
@@ -607,6 +614,13 @@ def test_ids_of_every_stored_kind_become_strings(ids, expected):
     assert splits["test"]["id"].tolist() == expected
 
 
+def test_features_of_rank_4_are_refused():
+    data = make_mmsa(ALIGNED, seed=8)
+    data["valid"]["text"] = data["valid"]["text"][..., None]
+    with pytest.raises(DataError, match="split 'valid' key 'text': expected rank 3"):
+        from_mmsa(data, "x.pkl")
+
+
 def test_ids_that_are_not_a_vector_are_refused():
     data = make_mmsa(ALIGNED, seed=8)
     data["valid"]["id"] = np.array([["a"], ["b"], ["c"]])
@@ -615,6 +629,15 @@ def test_ids_that_are_not_a_vector_are_refused():
 
 
 def test_splits_that_disagree_with_train_are_named_with_train_values():
+    data = make_mmsa(UNALIGNED, seed=9, lengths_keys=True)
+    data["valid"]["audio"] = np.concatenate([data["valid"]["audio"]] * 2, axis=1)  # more steps than train
+    with pytest.raises(DataError, match=r"split 'valid' key 'audio': shape \(T, d\) = \(18, 3\) differs"):
+        from_mmsa(data, "x.pkl")
+    data = make_mmsa(UNALIGNED, seed=9, lengths_keys=True)
+    for split in ("train", "valid"):  # the test split's rule sorts after train's
+        del data[split]["vision_lengths"]
+    with pytest.raises(DataError, match="split 'test' key 'vision': lengths come from 'vision_lengths'"):
+        from_mmsa(data, "x.pkl")
     data = make_mmsa(UNALIGNED, seed=9, lengths_keys=True)
     data["test"]["audio"] = data["test"]["audio"][:, :5]
     with pytest.raises(
@@ -629,3 +652,8 @@ def test_splits_that_disagree_with_train_are_named_with_train_values():
         "'vision_lengths'",
     ):
         from_mmsa(data, "x.pkl")
+
+
+def test_a_path_that_cannot_be_opened_is_a_data_error_naming_it(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}: cannot open: "):
+        safe_load_pickle(tmp_path)  # a folder: open() fails with an OSError that is not FileNotFoundError
