@@ -129,17 +129,21 @@ def _sizes(rows: int, device: torch.device) -> list[int]:
     return [int(s) for s in sizes]
 
 
+def _all_gather_rows(x: Tensor, sizes: list[int]) -> Tensor:
+    """all_gather of row counts that differ by rank: padded to the longest, cut back after."""
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+
 def gather_rows(x: Tensor) -> tuple[Tensor, int]:
     """(B_r, ...) on each rank -> ((sum B_r, ...) in rank order, offset of this rank's rows); no gradient."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x, 0
     sizes = _sizes(x.shape[0], x.device)
-    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    gathered = torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
-    return gathered, sum(sizes[: dist.get_rank()])
+    return _all_gather_rows(x, sizes), sum(sizes[: dist.get_rank()])
 
 
 class _GatherRows(torch.autograd.Function):
@@ -147,12 +151,8 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, sizes: list[int]) -> Tensor:  # noqa: D102
-        padded = x.new_zeros((max(sizes), *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
         ctx.sizes = sizes
-        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+        return _all_gather_rows(x, sizes)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102

@@ -38,11 +38,11 @@ class KnowledgeTransfer(nn.Module):
     @torch.no_grad()
     def update(self, unimodal: dict[str, Tensor], label: Tensor) -> None:
         """Fold one training batch's unimodal errors into the running errors."""
-        # the global batch under torchrun, so that every rank keeps the same errors
-        label, _ = gather_rows(label)
-        batch_error = torch.stack(
-            [(gather_rows(unimodal[m].float())[0] - label).abs().mean() for m in self.modalities]
-        )
+        # the global batch under torchrun (one gather for all modalities), so every rank keeps the same errors
+        p, _ = gather_rows(torch.stack([unimodal[m].float() for m in self.modalities], dim=1))  # (G, M)
+        label, _ = gather_rows(label)  # (G,)
+        # contiguous columns: each mean sums in the order it always did
+        batch_error = torch.stack([(p[:, i].contiguous() - label).abs().mean() for i in range(p.shape[1])])
         # torch.where rather than an if on the counter: no device-to-host sync in the training step
         moved = torch.lerp(self.error, batch_error, 1.0 - self.momentum)
         self.error.copy_(torch.where(self.updates == 0, batch_error, moved))
