@@ -38,6 +38,7 @@ from mdkat.redact import basic_auth, redact
 
 STORE = "mlflow.db"  # the default store, at the project root
 DATASET_DIGEST = 32  # hex characters of a split's SHA-256: MLflow stores at most 36
+DATASET_RACE_RETRIES = 3  # a lost race is settled by the next attempt; more runs at once may need a few
 
 # Every HTTP call MLflow makes is bounded (MLflow reads these at each request; a value the user exported
 # wins): a server that answers /health but fails or hangs on its API ends a stage in well under a minute,
@@ -237,6 +238,14 @@ def flat_params(params: Params) -> dict[str, str]:
     return {key: redact(str(value)) for key, value in chosen_flat_dict(params).items()}
 
 
+def _lost_insert_race(error: Exception) -> bool:
+    """Whether an MLflow error is a unique key broken by a concurrent insert (PostgreSQL, SQLite, MySQL)."""
+    text = str(error)
+    return getattr(error, "error_code", None) == "BAD_REQUEST" and any(
+        sign in text for sign in ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry")
+    )
+
+
 def _create_experiment(client, name: str, location: str | None) -> str:
     """Create experiment `name`; when another process created it meanwhile (workers or ranks starting
     together on a shared server), use theirs."""
@@ -368,6 +377,7 @@ class Tracker:
         by a prefix of the split file's SHA-256 (MLflow keeps 36 characters; the full manifest hash is the
         `data.manifest_sha256` tag), profiled with its sample count."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
         inputs = []
         for split, count in manifest["counts"].items():
@@ -380,7 +390,18 @@ class Tracker:
                 profile=json.dumps({"num_samples": count, "aligned": bool(manifest.get("aligned"))}),
             )
             inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", split)]))
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        # MLflow's SQL store looks a dataset up and inserts it when missing in one transaction but without a
+        # lock: two runs logging the same new split at once (seeds trained side by side on one server) can
+        # both miss it, and the second insert breaks the unique key. That transaction is rolled back whole,
+        # so asking again is safe, and then finds the dataset the other run created.
+        for attempt in range(DATASET_RACE_RETRIES + 1):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException as e:
+                if attempt == DATASET_RACE_RETRIES or not _lost_insert_race(e):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     @_on_server
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:

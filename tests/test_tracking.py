@@ -205,6 +205,85 @@ def test_each_split_is_a_dataset_input_with_its_context_digest_and_count(tracked
         assert json.loads(dataset.source)["uri"].endswith(f"/{split}.npz")
 
 
+UNIQUE_BROKEN = (
+    "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest"
+)
+
+
+def _racing_client(uri: str, lose: int, winner=None, error: str = UNIQUE_BROKEN):
+    """A client whose first `lose` log_inputs fail as a lost insert race; `winner` logs its datasets first."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+    real, calls = MlflowClient(uri), []
+
+    class Racing:
+        def log_inputs(self, run_id, datasets):
+            if winner is not None and run_id == winner[0].run_id:
+                return real.log_inputs(run_id, datasets=datasets)
+            calls.append(run_id)
+            if len(calls) <= lose:
+                if winner is not None and len(calls) == 1:
+                    winner[0].log_datasets(*winner[1:])  # the other run inserts the same splits first
+                raise MlflowException(error, error_code=BAD_REQUEST)
+            return real.log_inputs(run_id, datasets=datasets)
+
+    return Racing(), calls
+
+
+def test_a_dataset_insert_lost_to_another_run_is_asked_again_and_links_the_winners_datasets(
+    store, tiny, monkeypatch
+):
+    import sqlite3
+
+    from mdkat.tracking import Tracker
+
+    _, data_dir = tiny
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    loser, winner = (Tracker.start("race", name, {}, {}) for name in ("loser", "winner"))
+    client, calls = _racing_client(store, lose=1, winner=(winner, manifest, data_dir))
+    monkeypatch.setattr(Tracker, "client", property(lambda self: client))
+    monkeypatch.setattr("mdkat.tracking.time.sleep", lambda s: None)
+    loser.log_datasets(manifest, data_dir)
+    assert calls == [loser.run_id, loser.run_id]
+
+    def inputs(run_id):
+        run = MlflowClient(store).get_run(run_id)
+        return {
+            {t.key: t.value for t in i.tags}["mlflow.data.context"]: (i.dataset.name, i.dataset.digest)
+            for i in run.inputs.dataset_inputs
+        }
+
+    assert sorted(inputs(loser.run_id)) == ["test", "train", "valid"]
+    assert inputs(loser.run_id) == inputs(winner.run_id)
+    with contextlib.closing(sqlite3.connect(Path("mlflow.db"))) as db:
+        assert db.execute("SELECT count(*) FROM datasets").fetchone() == (3,)  # shared, not duplicated
+
+
+@pytest.mark.parametrize(
+    ("lose", "error", "expected_calls"),
+    [
+        (99, UNIQUE_BROKEN, 4),  # DATASET_RACE_RETRIES = 3 more attempts, then the error
+        (99, "(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint", 4),
+        (1, "(psycopg.errors.NotNullViolation) null value in column", 1),  # not a race: no retry
+    ],
+)
+def test_a_lost_race_is_retried_a_bounded_number_of_times_and_other_errors_never(
+    store, tiny, monkeypatch, lose, error, expected_calls
+):
+    from mdkat.tracking import Tracker
+
+    _, data_dir = tiny
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    tracker = Tracker.start("race", "r", {}, {})
+    client, calls = _racing_client(store, lose=lose, error=error)
+    monkeypatch.setattr(Tracker, "client", property(lambda self: client))
+    monkeypatch.setattr("mdkat.tracking.time.sleep", lambda s: None)
+    with pytest.raises(MdkatError, match=r"MLflow tracking server sqlite:///.* failed: .*(Violation|UNIQUE)"):
+        tracker.log_datasets(manifest, data_dir)
+    assert len(calls) == expected_calls
+
+
 def test_a_dvc_experiments_name_is_in_the_run_name(monkeypatch):
     from mdkat.tracking import run_name
 
