@@ -628,6 +628,16 @@ def test_ids_that_are_not_a_vector_are_refused():
         from_mmsa(data, "x.pkl")
 
 
+@pytest.mark.parametrize("key", ["id", "audio_lengths", "text_bert"])
+def test_a_single_value_where_one_per_sample_is_expected_is_refused_by_key(key):
+    data = make_mmsa(UNALIGNED, seed=8, lengths_keys=True)
+    data["test"][key] = np.array(7)  # a 0-d array has no len()
+    with pytest.raises(
+        DataError, match=f"split 'test' key '{key}': expected one entry per sample, got a single ndarray"
+    ):
+        from_mmsa(data, "x.pkl")
+
+
 def test_splits_that_disagree_with_train_are_named_with_train_values():
     data = make_mmsa(UNALIGNED, seed=9, lengths_keys=True)
     data["valid"]["audio"] = np.concatenate([data["valid"]["audio"]] * 2, axis=1)  # more steps than train

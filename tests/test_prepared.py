@@ -181,6 +181,9 @@ def test_a_key_added_later_and_left_unset_keeps_the_data_identity_of_manifests_w
 # what mutation testing found unchecked (reports/mutation): each part of every check, alone
 
 
+PINNED_SPLIT_SHA256 = "23efb07de61b6628fec0cf7f55fe1fa3dc013a1c387b91a02231bb65d79dd9b8"
+
+
 def _split(n: int = 24, tokens: bool = False) -> dict[str, np.ndarray]:
     """A valid split of `n` samples (text 6 steps x 24 features), with word pieces when `tokens`."""
     arrays = {k: v.copy() for k, v in generate(small_data()).splits["train"].items()}
@@ -243,6 +246,33 @@ def _broken():
         (_with(t, text_mask=np.tile([1, 0, 1, 0], (n, 1))), "word pieces must precede the padding"),
         (_with(t, text_mask=np.tile([1, 1, 1, 1], (n, 1)) * (np.arange(n) > 0)[:, None]), "without any word"),
         (_with(t, text_ids=t["text_ids"] - 102), "key 'text_ids': negative token ids"),
+        (_with(t, text_ids=np.where(t["text_ids"] == 0, -1, t["text_ids"])), "negative token ids"),  # -1 too
+        # numbers of another kind: numpy orders dtypes by safe casting, so these are neither < nor > int64
+        (_with(s, text_len=s["text_len"].astype(np.float64)), "key 'text_len': expected int64 of shape .*, got float64"),
+        (_with(s, text_len=s["text_len"].astype(np.uint64)), "key 'text_len': expected int64 of shape .*, got uint64"),
+        (_with(t, text_ids=t["text_ids"].astype(np.float64)), "key 'text_ids': expected int64"),
+        (_with(t, text_mask=t["text_mask"].astype(np.uint64)), "key 'text_mask': expected int64"),
+        # the three agree with each other but not with the split
+        (
+            _with(
+                t, **{k: np.concatenate([t[k], t[k][:1]]) for k in ("text_ids", "text_mask", "text_segment")}
+            ),
+            f"key 'text_ids': expected int64 of shape \\({n}, L\\).*got int64 \\({n + 1}, 4\\)",
+        ),
+        (
+            _with(t, **{k: t[k][:, 0] for k in ("text_ids", "text_mask", "text_segment")}),
+            f"key 'text_ids': expected int64 of shape \\({n}, L\\).*got int64 \\({n},\\)",
+        ),
+        (
+            _with(t, text_mask=t["text_mask"][:, :-1]),
+            f"key 'text_mask': .*got int64 \\({n}, 3\\) \\(text_ids",
+        ),
+        # the first of several problems is named, in the order of the keys and the samples
+        ({k: v for k, v in s.items() if k not in ("text", "vision")}, "missing key 'text'"),
+        (
+            _with(s, label=np.where(np.isin(np.arange(n), [3, 7]), np.nan, s["label"]).astype(np.float32)),
+            f"non-finite label for id '{s['id'][3]}' \\(2 such samples\\)",
+        ),
     ]
 
 
@@ -279,6 +309,61 @@ def test_splits_whose_steps_or_features_differ_from_train_are_refused(tmp_path):
         DataError, match="split 'test' key 'vision': shape \\(T, d\\) = \\(.*\\) differs from train"
     ):
         write_prepared(tmp_path / "p", splits, {"source": "x", "dataset": "y", "aligned": True})
+
+
+@pytest.mark.parametrize("change", ["shorter", "longer", "narrower"])
+def test_a_split_whose_steps_or_features_are_fewer_or_more_than_trains_is_named_with_both(tmp_path, change):
+    splits = generate(small_data()).splits
+    audio = splits["valid"]["audio"]  # (N, T, d)
+    n, t, d = audio.shape
+    splits["valid"]["audio"] = {
+        "shorter": audio[:, : t - 1],
+        "longer": np.concatenate([audio, audio[:, :1]], axis=1),
+        "narrower": audio[..., : d - 1],
+    }[change]
+    splits["valid"]["audio_len"] = np.minimum(splits["valid"]["audio_len"], t - 1)
+    got = splits["valid"]["audio"].shape[1:]
+    with pytest.raises(
+        DataError,
+        match=f"split 'valid' key 'audio': shape \\(T, d\\) = \\({got[0]}, {got[1]}\\) differs from train's "
+        f"\\({t}, {d}\\)",
+    ):
+        write_prepared(tmp_path / "p", splits, {"source": "x", "dataset": "y", "aligned": True})
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize(
+    "names", [("train", "valid"), ("train", "valid", "test", "extra"), ("train", "valid", "test", "zzz")]
+)
+def test_splits_other_than_train_valid_test_are_refused(tmp_path, names):
+    made = generate(small_data()).splits
+    splits = {name: made[name if name in made else "test"] for name in names}
+    with pytest.raises(DataError, match=r"expected splits \['train', 'valid', 'test'\], got"):
+        write_prepared(tmp_path / "p", splits, {"source": "x", "dataset": "y", "aligned": True})
+    assert not (tmp_path / "p").exists()
+
+
+def test_the_bytes_of_a_prepared_split_are_pinned_so_that_recorded_data_identities_stay_valid(tmp_path):
+    """dvc.lock, the manifest's SHA-256 and every report unit's fingerprint name prepared data by the bytes
+    of its files: a writer that stamps another date or other zip records into the same arrays makes all of
+    them stale. A deliberate change of the format moves FORMAT_VERSION and this digest together."""
+    import hashlib
+    import zipfile
+
+    arrays = _split(3, tokens=True)
+    arrays["id"] = np.array(["a", "b", "c"])
+    for key, value in arrays.items():
+        if value.dtype.kind == "f":
+            arrays[key] = (np.arange(value.size, dtype=np.float32).reshape(value.shape) % 7) / 4
+    write_prepared(
+        tmp_path / "p",
+        {s: arrays for s in ("train", "valid", "test")},
+        {"source": "x", "dataset": "y", "aligned": True},
+    )
+    path = tmp_path / "p" / "train.npz"
+    with zipfile.ZipFile(path) as zf:  # what any zip tool shows: the zip epoch, no clock of this machine
+        assert {i.date_time for i in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == PINNED_SPLIT_SHA256
 
 
 @pytest.mark.parametrize("version", [0, 2, "1"])

@@ -153,6 +153,17 @@ def _given_lengths(value: Any, where: str, split: str, key: str) -> np.ndarray:
     return lengths.astype(np.int64)
 
 
+def _sample_count(value: Any, where: str, split: str, key: str) -> int:
+    """How many samples a per-sample entry holds; a single value (a 0-d array, a number) is refused."""
+    try:
+        return len(value)
+    except TypeError:
+        raise DataError(
+            f"{where}: split '{split}' key '{key}': expected one entry per sample, got a single "
+            f"{type(value).__name__}"
+        ) from None
+
+
 def _mask_lengths(text_bert: np.ndarray, t_text: int, where: str, split: str) -> np.ndarray:
     if text_bert.ndim != 3 or text_bert.shape[1] != 3 or text_bert.shape[2] != t_text:
         raise DataError(
@@ -194,7 +205,8 @@ def _split_arrays(raw: Any, split: str, where: str) -> tuple[SplitArrays, dict[s
     # Every per-sample array present must agree on N, or samples would be silently paired with others' data.
     optional = [k for k in ("id", MASK_KEY, *(f"{m}_lengths" for m in MODALITIES)) if k in raw]
     counts = {
-        k: len(features[k]) if k in features else len(raw[k]) for k in (*MODALITIES, LABEL_KEY, *optional)
+        k: len(features[k]) if k in features else _sample_count(raw[k], where, split, k)
+        for k in (*MODALITIES, LABEL_KEY, *optional)
     }
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{k} {c}" for k, c in counts.items())
