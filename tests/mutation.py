@@ -27,6 +27,7 @@ from mdkat.ci import project_files
 from mdkat.io import atomic_open, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_SEED = 16  # fixed: a sample is the same on every machine and every run of the same code
 # module -> (files mutated, the tests that check them); the fast tests of each, so that a run ends in hours
 TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "metrics": (["mdkat/metrics.py"], ["tests/test_metrics.py"]),
@@ -84,8 +85,28 @@ def _cosmic_ray(*args: str, cwd: Path) -> None:
         raise RuntimeError(f"cosmic-ray {' '.join(args)} failed:\n{done.stderr[-3000:]}")
 
 
-def mutate(name: str, copy: Path, timeout_s: float) -> list[dict]:
-    """Every mutant of target `name`, run against its tests in `copy`; one record per mutant."""
+def _leave_out_all_but_a_sample(session: Path, fraction: float, module: str) -> None:
+    """Mark all but a seeded `fraction` of the session's mutants skipped, so that `exec` runs the sample.
+
+    The draw depends on the module and the mutants alone (cosmic-ray's job ids are random uuids), so the
+    same code gives the same sample on every machine.
+    """
+    import random
+
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        items = sorted(db.work_items, key=lambda w: (w.mutations[0].operator_name, w.mutations[0].occurrence))
+        keep = round(len(items) * fraction)
+        chosen = set(random.Random(f"{SAMPLE_SEED}:{module}").sample(range(len(items)), keep))
+        left = [w.job_id for i, w in enumerate(items) if i not in chosen]
+        db.set_multiple_results(left, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
+
+
+def mutate(name: str, copy: Path, timeout_s: float, sample: float = 1.0) -> list[dict]:
+    """The mutants of target `name` (a seeded `sample` of them) run against its tests in `copy`; one record
+    per mutant, those not drawn with outcome "skipped"."""
     from cosmic_ray.work_db import WorkDB, use_db
 
     files, tests = TARGETS[name]
@@ -96,6 +117,8 @@ def mutate(name: str, copy: Path, timeout_s: float) -> list[dict]:
         config.write_text(_config(module, tests, timeout_s))
         session.unlink(missing_ok=True)
         _cosmic_ray("init", str(config), str(session), cwd=copy)
+        if sample < 1.0:
+            _leave_out_all_but_a_sample(session, sample, module)
         start = time.perf_counter()
         _cosmic_ray("exec", str(config), str(session), cwd=copy)
         print(f"{module}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
@@ -104,6 +127,7 @@ def mutate(name: str, copy: Path, timeout_s: float) -> list[dict]:
                 (mutation,) = item.mutations
                 timed_out = "timeout" in (result.output or "").lower()
                 outcome = "timeout" if timed_out else (result.test_outcome or result.worker_outcome).value
+                # "skipped": not in the sample
                 records.append(
                     {
                         "target": name,
@@ -154,14 +178,37 @@ def summarize(records: list[dict], accepted: dict[str, dict[str, str]]) -> list[
     for name in dict.fromkeys(r["target"] for r in records):
         mine = [r for r in records if r["target"] == name]
         count = {
-            k: sum(r["outcome"] == k for r in mine) for k in ("killed", "survived", "timeout", "incompetent")
+            k: sum(r["outcome"] == k for r in mine)
+            for k in ("killed", "survived", "timeout", "incompetent", "skipped")
         }
         ok = accepted.get(name, {})
         waved = sum(1 for r in mine if r["outcome"] == "survived" and _key(r) in ok)
         judged = count["killed"] + count["timeout"] + count["survived"] - waved
-        rate = (count["killed"] + count["timeout"]) / judged if judged else float("nan")
-        rows.append({"target": name, "mutants": len(mine), **count, "accepted": waved, "kill_rate": rate})
+        caught = count["killed"] + count["timeout"]
+        rate = caught / judged if judged else float("nan")
+        # a sample's rate is an estimate: Wilson's 95 % interval says how far the whole module may lie
+        low, high = wilson_interval(caught, judged) if count["skipped"] else (rate, rate)
+        rows.append(
+            {
+                "target": name,
+                "mutants": len(mine),
+                **count,
+                "accepted": waved,
+                "kill_rate": rate,
+                "kill_rate_95": [low, high],
+            }
+        )
     return rows
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson's score interval of a binomial proportion (95 % for the default z)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _markdown(rows: list[dict], records: list[dict], accepted: dict[str, dict[str, str]]) -> str:
@@ -171,13 +218,20 @@ def _markdown(rows: list[dict], records: list[dict], accepted: dict[str, dict[st
         "Each module mutated against its own tests (`tests/mutation.py`, TARGETS). Kill rate = (killed +",
         "timed out) / (mutants that import, less the survivors accepted as invisible in accepted.yaml).",
         "",
-        "| module | mutants | killed | timed out | survived | accepted | incompetent | kill rate |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "A module run on a seeded sample (`--sample`) shows the mutants not drawn as 'not run' and its",
+        "kill rate with Wilson's 95 % interval.",
+        "",
+        "| module | mutants | not run | killed | timed out | survived | accepted | incompetent | kill rate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        rate = f"{r['kill_rate']:.1%}"
+        if r.get("skipped"):
+            low, high = r["kill_rate_95"]
+            rate += f" ({low:.0%}-{high:.0%})"
         lines.append(
-            f"| {r['target']} | {r['mutants']} | {r['killed']} | {r['timeout']} | {r['survived']} | "
-            f"{r['accepted']} | {r['incompetent']} | {r['kill_rate']:.1%} |"
+            f"| {r['target']} | {r['mutants']} | {r.get('skipped', 0)} | {r['killed']} | {r['timeout']} | "
+            f"{r['survived']} | {r['accepted']} | {r['incompetent']} | {rate} |"
         )
     lines += ["", "## Survivors", ""]
     for r in records:
@@ -197,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(TARGETS), help=f"comma-separated targets of {list(TARGETS)}")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
     p.add_argument(
+        "--sample",
+        type=float,
+        default=1.0,
+        help="run a seeded fraction (0-1] of each module's mutants; the rate gets a 95%% interval",
+    )
+    p.add_argument(
         "--recheck",
         action="store_true",
         help="only run the last report's survivors again (after adding tests)",
@@ -206,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(TARGETS))
     if unknown:
         p.error(f"--only: unknown targets {unknown}; expected some of {list(TARGETS)}")
+    if not 0 < args.sample <= 1:
+        p.error(f"--sample: expected a fraction in (0, 1], got {args.sample}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     accepted_file = out / "accepted.yaml"
@@ -222,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             recheck([r for r in records if r["target"] in names], copy, args.timeout)
             write_json(out / "mutation.json", records)
         for name in [] if args.recheck else names:
-            records += mutate(name, copy, args.timeout)
+            records += mutate(name, copy, args.timeout, args.sample)
             write_json(out / "mutation.json", records)  # a long run keeps what it has so far
     rows = summarize(records, accepted or {})
     with atomic_open(out / "mutation.md") as f:
