@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -28,21 +29,57 @@ from mdkat.io import atomic_open, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_SEED = 16  # fixed: a sample is the same on every machine and every run of the same code
-# module -> (files mutated, the tests that check them); the fast tests of each, so that a run ends in hours
-TARGETS: dict[str, tuple[list[str], list[str]]] = {
-    "metrics": (["mdkat/metrics.py"], ["tests/test_metrics.py"]),
-    "align": (["mdkat/data/align.py"], ["tests/test_align.py"]),
-    "csd": (["mdkat/data/csd.py"], ["tests/test_csd.py"]),
-    "mmsa": (["mdkat/data/mmsa.py"], ["tests/test_mmsa.py"]),
-    "prepared": (["mdkat/data/prepared.py"], ["tests/test_prepared.py"]),
-    "training": (["mdkat/training.py"], ["tests/test_training.py"]),
-    "models": (
+
+
+class Target(NamedTuple):
+    """Files mutated together, the tests every mutant runs, and those a `--recheck` of a survivor runs
+    (the same when empty; the whole of a test file whose slow part `tests` leaves out)."""
+
+    files: list[str]
+    tests: list[str]
+    recheck: list[str] = []
+
+
+# The tests of each module; where its own file runs for minutes (a real `dvc repro`, a PostgreSQL server),
+# every mutant runs the fast tests and only the survivors all of them (`--recheck`), so a run ends in hours.
+_CI_FAST = [
+    "every_metric_has_a_positive_tolerance",
+    "verdicts_follow_each_metrics_direction_and_tolerance",
+    "check_fails_on_regression_and_on_unequal_repeats",
+    "a_baseline_of_another_profile_is_refused",
+    "profile_parameters_apply_the_overrides_then_the_extra_ones",
+    "project_files_are_the_tracked_and_untracked_files_not_the_ignored_ones",
+]
+_TRACKING_SERVER = [  # a real mlflow server on PostgreSQL, or a degraded one that takes a minute to fail
+    "two_processes_log_at_once_to_a_shared_tracking_server",
+    "the_health_check_passes_credentials_in_the_server_uri",
+    "a_degraded_tracking_server_ends_training_within_a_minute_in_one_line",
+]
+TARGETS: dict[str, Target] = {
+    "metrics": Target(["mdkat/metrics.py"], ["tests/test_metrics.py"]),
+    "align": Target(["mdkat/data/align.py"], ["tests/test_align.py"]),
+    "csd": Target(["mdkat/data/csd.py"], ["tests/test_csd.py"]),
+    "mmsa": Target(["mdkat/data/mmsa.py"], ["tests/test_mmsa.py"]),
+    "prepared": Target(["mdkat/data/prepared.py"], ["tests/test_prepared.py"]),
+    "training": Target(["mdkat/training.py"], ["tests/test_training.py"]),
+    "models": Target(
         [f"mdkat/models/{m}.py" for m in ("losses", "encoders", "cff", "amsa", "ka", "kt", "mdkat")],
         ["tests/test_model_components.py", "tests/test_models.py"],
     ),
-    "tuning": (["mdkat/tuning.py"], ["tests/test_tuning.py"]),
-    "tracking": (["mdkat/tracking.py"], ["tests/test_tracking.py"]),
-    "ci": (["mdkat/ci.py"], ["tests/test_ci.py"]),
+    "tuning": Target(["mdkat/tuning.py"], ["tests/test_tuning.py"]),
+    "tracking": Target(
+        ["mdkat/tracking.py"],
+        [
+            "tests/test_tracking.py",
+            *(a for t in _TRACKING_SERVER for a in ("--deselect", f"tests/test_tracking.py::test_{t}")),
+        ],
+        ["tests/test_tracking.py"],
+    ),
+    "ci": Target(
+        ["mdkat/ci.py"],
+        [f"tests/test_ci.py::test_{t}" for t in _CI_FAST],
+        ["tests/test_ci.py"],
+    ),
 }
 
 
@@ -109,7 +146,7 @@ def mutate(name: str, copy: Path, timeout_s: float, sample: float = 1.0) -> list
     per mutant, those not drawn with outcome "skipped"."""
     from cosmic_ray.work_db import WorkDB, use_db
 
-    files, tests = TARGETS[name]
+    files, tests, _ = TARGETS[name]
     records = []
     for module in files:
         config = copy / f".mutation-{Path(module).stem}.toml"
@@ -150,7 +187,10 @@ def recheck(records: list[dict], copy: Path, timeout_s: float) -> None:
         original = (copy / r["module"]).read_bytes()
         try:
             _cosmic_ray("apply", r["module"], r["operator"], str(r["occurrence"]), cwd=copy)
-            command = _config(r["module"], TARGETS[r["target"]][1], timeout_s).split('test-command = "')[1]
+            target = TARGETS[r["target"]]
+            command = _config(r["module"], target.recheck or target.tests, timeout_s).split(
+                'test-command = "'
+            )[1]
             done = subprocess.run(
                 command.split('"')[0].split(), cwd=copy, capture_output=True, timeout=timeout_s
             )
