@@ -38,7 +38,9 @@ from mdkat.redact import basic_auth, redact
 
 STORE = "mlflow.db"  # the default store, at the project root
 DATASET_DIGEST = 32  # hex characters of a split's SHA-256: MLflow stores at most 36
-DATASET_RACE_RETRIES = 3  # a lost race is settled by the next attempt; more runs at once may need a few
+# a lost race is settled by the next attempt; more runs at once may need a few (MLflow's own model registry
+# retries a model version lost to such a race 3 times: CREATE_MODEL_VERSION_RETRIES)
+DATASET_RACE_RETRIES = 3
 
 # Every HTTP call MLflow makes is bounded (MLflow reads these at each request; a value the user exported
 # wins): a server that answers /health but fails or hangs on its API ends a stage in well under a minute,
