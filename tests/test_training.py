@@ -342,3 +342,121 @@ def test_a_training_step_never_waits_for_the_device(tiny, tmp_path, monkeypatch,
         counts[batch] = _host_syncs(monkeypatch, lambda p=params, o=out: fit(p, data, o, progress=False))
     per_step = {site for site in counts[8] | counts[16] if counts[8][site] != counts[16][site]}
     assert per_step <= PER_STEP_ON_HOST, per_step - PER_STEP_ON_HOST
+
+
+def _record_losses(monkeypatch) -> list[tuple[str, int, dict[str, float]]]:
+    """Every loss fit computes, as (phase, batch size, {"loss": total, term: value}), in order."""
+    import mdkat.training
+    from mdkat.models.mdkat import MDKAT
+
+    calls = []
+    step_forward, model_loss = mdkat.training._Step.forward, MDKAT.loss
+
+    def forward(self, batch):
+        total, terms = step_forward(self, batch)
+        calls.append(("train", len(batch), {"loss": total.item(), **{k: v.item() for k, v in terms.items()}}))
+        return total, terms
+
+    def loss(self, out, batch, weights):
+        total, terms = model_loss(self, out, batch, weights)
+        if not self.training:  # fit's training steps go through _Step, recorded above
+            calls.append(("valid", len(batch), {"loss": total.item()}))
+        return total, terms
+
+    monkeypatch.setattr(mdkat.training._Step, "forward", forward)
+    monkeypatch.setattr(MDKAT, "loss", loss)
+    return calls
+
+
+def test_history_losses_are_the_sample_weighted_means_of_the_batches(tiny, tmp_path, monkeypatch):
+    _, data_dir = tiny
+    # batches of unequal size (48 = 20 + 20 + 8 to train, 16 = 7 + 7 + 2 to validate), so that a mean of
+    # batch means, or any other weighting, differs from the mean over samples
+    params = tiny_params("train.batch_size=20", "train.eval_batch_size=7", "train.epochs=2")
+    calls = _record_losses(monkeypatch)
+    result = _fit(params, data_dir, tmp_path)
+    train = [c for c in calls if c[0] == "train"]
+    valid = [c for c in calls if c[0] == "valid"]
+    assert [n for _, n, _ in train] == [20, 20, 8] * 2 and [n for _, n, _ in valid] == [7, 7, 2] * 2
+    for epoch, row in enumerate(result.history):
+        mine = train[3 * epoch : 3 * epoch + 3]
+        for term in mine[0][2]:
+            expected = sum(n * values[term] for _, n, values in mine) / 48
+            assert row[f"train_{term}"] == pytest.approx(expected, rel=1e-5), term
+        seen = valid[3 * epoch : 3 * epoch + 3]
+        assert row["valid_loss"] == pytest.approx(sum(n * v["loss"] for _, n, v in seen) / 16, rel=1e-5)
+    assert set(mine[0][2]) > {"loss", "task"}  # every term of the model is in the history
+
+
+def test_epoch_and_run_seconds_are_wall_clock_durations(tiny, tmp_path):
+    import time
+
+    params, data_dir = tiny
+    start = time.perf_counter()
+    result = _fit(params, data_dir, tmp_path)
+    elapsed = time.perf_counter() - start
+    seconds = [row["seconds"] for row in result.history]
+    assert all(0 < s for s in seconds) and sum(seconds) <= result.seconds <= elapsed
+
+
+def test_a_first_epoch_without_a_valid_metric_counts_as_one_bad_epoch(tiny, tmp_path, monkeypatch):
+    import mdkat.training
+
+    _, data_dir = tiny
+    real, epochs = mdkat.training.regression_metrics, []
+
+    def nan_then_constant(pred, label):  # epoch 1 NaN, then the same value: epoch 2 is the best
+        epochs.append(len(epochs) + 1)
+        return {k: float("nan") if epochs[-1] == 1 else 0.5 for k in real(pred, label)}
+
+    monkeypatch.setattr(mdkat.training, "regression_metrics", nan_then_constant)
+    params = tiny_params("train.patience=2", "train.epochs=10")
+    result = _fit(params, data_dir, tmp_path)
+    # epoch 1 bad (1), epoch 2 best (0), epochs 3 and 4 bad (2 = patience): epoch 5 never starts
+    assert len(result.history) == 4 and result.best_epoch == 2 and result.stopped_early
+
+
+def test_without_resume_an_existing_checkpoint_of_another_run_is_not_read(tiny, tmp_path):
+    params, data_dir = tiny
+    _fit(params, data_dir, tmp_path)  # leaves checkpoint.pt behind
+    other = tiny_params("train.seed=7", "train.epochs=2")
+    result = _fit(other, data_dir, tmp_path)  # trains afresh: no "cannot resume" error, its own epochs
+    fresh = _fit(other, data_dir, tmp_path / "fresh")
+    assert _timeless(result.history) == _timeless(fresh.history) and len(result.history) == 2
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04truncated"])
+def test_an_unreadable_model_file_is_an_error_naming_it(tmp_path, content):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(MdkatError, match=f"{path}: not a readable checkpoint"):
+        model_from_file(path)
+    with pytest.raises(MdkatError, match=f"{tmp_path / 'absent.pt'}: not found"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(16, 3), (16, 4), (5, 2), (3, 2)])
+def test_predictions_of_two_ranks_are_dealt_back_into_the_order_of_the_data(
+    tiny, tmp_path, n, batch_size, monkeypatch
+):
+    """Under torchrun rank r predicts batches r, r + 2, ...; gathered, they must read as one process's."""
+    import mdkat.distributed
+    import mdkat.training
+
+    _, data_dir = tiny
+    valid = load_prepared(data_dir, splits=("valid",)).valid
+    data = valid.select(torch.arange(n))
+    _fit(tiny_params("train.epochs=1"), data_dir, tmp_path)
+    model = model_from_file(tmp_path / "model.pt")
+    whole = predict(model, data, batch_size)
+    parts = []
+    for rank in (0, 1):
+        context = mdkat.distributed.Context(rank=rank, world=2)
+        monkeypatch.setattr(mdkat.training.distributed, "current", lambda c=context: c)
+        monkeypatch.setattr(mdkat.training.distributed, "gather_objects", lambda x: [x])
+        parts.append(predict(model, data, batch_size))  # this rank's batches alone
+    assert sorted(np.concatenate(parts).tolist()) == sorted(whole.tolist())  # together, each sample once
+    main = mdkat.distributed.Context(rank=0, world=2)
+    monkeypatch.setattr(mdkat.training.distributed, "current", lambda: main)
+    monkeypatch.setattr(mdkat.training.distributed, "gather_objects", lambda x: parts)
+    np.testing.assert_array_equal(predict(model, data, batch_size), whole)
