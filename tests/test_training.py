@@ -460,3 +460,24 @@ def test_predictions_of_two_ranks_are_dealt_back_into_the_order_of_the_data(
     monkeypatch.setattr(mdkat.training.distributed, "current", lambda: main)
     monkeypatch.setattr(mdkat.training.distributed, "gather_objects", lambda x: parts)
     np.testing.assert_array_equal(predict(model, data, batch_size), whole)
+
+
+def test_resuming_with_other_values_names_each_difference_and_how_to_start_afresh(tiny, tmp_path):
+    params, data_dir = tiny
+    with pytest.raises(Stop):
+        _fit(params, data_dir, tmp_path, on_epoch=stop_after(1))
+    other = tiny_params("train.lr=0.005", "train.seed=7")
+    with pytest.raises(MdkatError) as error:
+        _fit(other, data_dir, tmp_path, resume=True)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'checkpoint.pt'}: cannot resume a run of another configuration")
+    assert "train.lr" in message and "train.seed" in message
+    assert message.endswith("\nRun without --resume to train afresh with the new values.")
+
+
+def test_a_checkpoint_folder_is_made_with_its_parents(tiny, tmp_path):
+    params, data_dir = tiny
+    folder = tmp_path / "study" / "trial 3" / "checkpoints"
+    _fit(tiny_params("train.epochs=1"), data_dir, tmp_path / "out", checkpoint_dir=folder)
+    assert load_checkpoint(folder / "checkpoint.pt")["state"]["epoch"] == 1
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
