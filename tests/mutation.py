@@ -179,10 +179,13 @@ def mutate(name: str, copy: Path, timeout_s: float, sample: float = 1.0) -> list
     return records
 
 
-def recheck(records: list[dict], copy: Path, timeout_s: float) -> None:
-    """Run each survivor of `records` again against the current tests (after tests were added), in place."""
+def recheck(
+    records: list[dict], copy: Path, timeout_s: float, accepted: dict[str, dict[str, str]] | None = None
+) -> None:
+    """Run each survivor of `records` again against the current tests (after tests were added), in place;
+    those `accepted` as invisible stay as they are (a type annotation runs every test to the end)."""
     for r in records:
-        if r["outcome"] != "survived":
+        if r["outcome"] != "survived" or _key(r) in (accepted or {}).get(r["target"], {}):
             continue
         original = (copy / r["module"]).read_bytes()
         try:
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--recheck",
         action="store_true",
-        help="only run the last report's survivors again (after adding tests)",
+        help="only run the last report's survivors again (after adding tests), less the accepted ones",
     )
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -321,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy2(ROOT / rel, copy / rel)
         if args.recheck:
             records = previous
-            recheck([r for r in records if r["target"] in names], copy, args.timeout)
+            recheck([r for r in records if r["target"] in names], copy, args.timeout, accepted)
             write_json(out / "mutation.json", records)
         for name in [] if args.recheck else names:
             records += mutate(name, copy, args.timeout, args.sample)
