@@ -352,3 +352,101 @@ def test_outputs_are_read_only_mappings_over_flat_arrays() -> None:
             "audio": {"a": _hand_case()["audio"]["a"], "b": (np.zeros((1, 2)), np.zeros((1, 3)))},
         }
         align(bad, "words")
+
+
+# --- routes that change the work, never the result ------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_rows", [1, 7, 200])
+@pytest.mark.parametrize("kernel", ["scipy's private kernel", "the public sparse product"])
+def test_batches_of_any_size_and_either_sparse_route_give_the_definition(
+    tmp_path: Path, monkeypatch, batch_rows: int, kernel: str
+) -> None:
+    """Videos are aligned in batches of about BATCH_ROWS rows (one video alone, a few, all four here) and
+    summed by scipy's CSR kernel, or its public product where the kernel is missing: the same result."""
+    import mdkat.data.align as module
+
+    monkeypatch.setattr(module, "BATCH_ROWS", batch_rows)
+    if kernel != "scipy's private kernel":
+        monkeypatch.setattr(module, "_CSR_MATVECS", None)
+    for seed in (0, 3):
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        seqs = _random_csd(folder, seed)
+        modalities = {k: seqs[k] for k in ("words", "audio", "vision")}
+        # rows out of time order inside every video given as one entry: they are sorted by an index
+        rng = np.random.default_rng(seed)
+        modalities["vision"] = {k: _shuffled(rng, iv, ft) for k, (iv, ft) in modalities["vision"].items()}
+        for impute in (True, False):
+            want = naive_align(modalities, "words", collapse="mean", impute=impute)
+            assert_same(align(modalities, "words", collapse="mean", impute=impute), want)
+        words = align(modalities, "words")  # with collapse=None: rows are copied, batch after batch
+        pair = {**words, "labels": seqs["labels"]}
+        assert_same(
+            align(pair, "labels", collapse=None, impute=False),
+            naive_align(pair, "labels", collapse=None, impute=False),
+        )
+
+
+def _shuffled(rng, intervals, features):
+    order = rng.permutation(len(intervals))
+    return intervals[order], features[order]
+
+
+def test_a_video_without_windows_after_many_windows_is_left_out() -> None:
+    """Video b's words are all shorter than the tolerance: it has no window, whatever comes before it
+    (here 300 windows: counts beyond the integers Python keeps one object for)."""
+    rng = np.random.default_rng(5)
+    starts = np.arange(300) * 0.1
+    words = {"a": (np.stack([starts, starts + 0.1], 1), rng.normal(size=(300, 2)))}
+    words["b"] = (np.array([[0.0, 0.0], [1.0, 1.0 + EPS / 2]]), rng.normal(size=(2, 2)))
+    # two rows over every window: means are taken (one row a window would be copied as it is)
+    audio = {v: (np.array([[0.0, 40.0], [0.0, 40.0]]), rng.normal(size=(2, 3))) for v in ("a", "b")}
+    got = align({"words": words, "audio": audio}, "words")
+    assert_same(got, naive_align({"words": words, "audio": audio}, "words"))
+    assert {k.split("[")[0] for k in got["audio"]} == {"a"} and len(got["audio"]) == 300
+
+
+def test_rows_out_of_order_in_a_later_video_that_runs_past_the_last_word() -> None:
+    """The second video's frames, given shuffled, go on after its last word: the rows read for its words
+    are a slice of its sorted order that ends before the video does."""
+    rng = np.random.default_rng(6)
+    words = {v: (np.array([[0.0, 1.0], [1.0, 2.0], [2.0, 3.0]]), rng.normal(size=(3, 2))) for v in "ab"}
+    starts = np.arange(0.0, 6.0, 0.5)
+    frames = {v: _shuffled(rng, np.stack([starts, starts + 0.5], 1), rng.normal(size=(12, 2))) for v in "ab"}
+    sequences = {"words": words, "audio": frames}
+    assert_same(align(sequences, "words"), naive_align(sequences, "words"))
+
+
+def test_a_sequence_without_entries_leaves_no_video_in_any_output() -> None:
+    out = align({**_hand_case(), "audio": {}}, "words")
+    assert set(out) == set(_hand_case()) and all(len(s) == 0 for s in out.values())
+
+
+def _many_entries(intervals_a, features_a, intervals_b, features_b):
+    """A video given as two entries `v[0]`, `v[1]` (the grouped path that concatenates them)."""
+    return {**_hand_case(), "audio": {"a[0]": (intervals_a, features_a), "a[1]": (intervals_b, features_b)}}
+
+
+@pytest.mark.parametrize(
+    ("sequences", "message"),
+    [
+        ({**_hand_case(), "audio": {"a": (np.zeros((3, 2)), np.zeros((3, 2, 1)))}}, r"entry 'a'.*\(3, d\)"),
+        (
+            _many_entries(np.zeros((2, 3)), np.zeros((2, 2)), np.zeros((1, 3)), np.zeros((1, 2))),
+            r"entry 'a\[0\]': intervals must have shape \(n, 2\), got \(2, 3\)",
+        ),
+        (
+            _many_entries(np.zeros((2, 2)), np.zeros(2), np.zeros((1, 2)), np.zeros(1)),
+            r"entry 'a\[0\]': features must have shape \(2, d\)",
+        ),
+        (  # 3 + 2 rows of intervals, 2 + 3 of features: the totals agree, the entries do not
+            _many_entries(np.zeros((3, 2)), np.zeros((2, 4)), np.zeros((2, 2)), np.zeros((3, 4))),
+            r"entry 'a\[0\]': features must have shape \(3, d\) to match the intervals, got \(2, 4\)",
+        ),
+    ],
+    ids=["rank-3 features", "3-column intervals", "1-d features", "rows per entry disagree"],
+)
+def test_entries_of_the_wrong_shape_are_named_on_either_path(sequences, message) -> None:
+    with pytest.raises(DataError, match=f"sequence 'audio' {message}"):
+        align(sequences, "words")
