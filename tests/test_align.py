@@ -357,7 +357,7 @@ def test_outputs_are_read_only_mappings_over_flat_arrays() -> None:
 # --- routes that change the work, never the result ------------------------------------------------------
 
 
-@pytest.mark.parametrize("batch_rows", [1, 7, 200])
+@pytest.mark.parametrize("batch_rows", [1, 7, 600, 1 << 17])  # one video a batch ... all in one
 @pytest.mark.parametrize("kernel", ["scipy's private kernel", "the public sparse product"])
 def test_batches_of_any_size_and_either_sparse_route_give_the_definition(
     tmp_path: Path, monkeypatch, batch_rows: int, kernel: str
