@@ -298,6 +298,7 @@ def test_device_choice_follows_cuda_availability(monkeypatch):
     assert resolve_device("auto", local_rank=3) == torch.device("cuda", 3)
     assert resolve_device("cuda", local_rank=2) == torch.device("cuda", 2)
     assert resolve_device("cpu", local_rank=2) == torch.device("cpu")
+    assert resolve_device("cuda") == torch.device("cuda", 0)  # a caller that names no rank: the first GPU
     # bf16 on the GPU, nothing on the CPU (float32 there); this torch has no CUDA to build the real one
     monkeypatch.setattr(torch, "autocast", lambda **chosen: chosen)
     assert autocast(torch.device("cuda")) == {"device_type": "cuda", "dtype": torch.bfloat16, "enabled": True}
@@ -481,3 +482,21 @@ def test_a_checkpoint_folder_is_made_with_its_parents(tiny, tmp_path):
     _fit(tiny_params("train.epochs=1"), data_dir, tmp_path / "out", checkpoint_dir=folder)
     assert load_checkpoint(folder / "checkpoint.pt")["state"]["epoch"] == 1
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_the_progress_lines_star_the_best_epoch_only(tiny, tmp_path, capsys):
+    _, data_dir = tiny
+    params = tiny_params("train.epochs=6", "train.lr=0.02", "train.patience=10")  # best at epoch 2 (above)
+    result = _fit(params, data_dir, tmp_path)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch")]
+    starred = [int(line.split()[1]) for line in lines if line.endswith("  *")]
+    assert len(lines) == 6 and result.best_epoch < 6
+    # an epoch is starred when it was the best so far: the last star is the best epoch
+    assert starred[-1] == result.best_epoch and starred == sorted(starred) and 1 in starred
+
+
+def test_a_last_batch_of_one_sample_is_trained_on(tiny, tmp_path, monkeypatch):
+    _, data_dir = tiny
+    sizes = _record_losses(monkeypatch)
+    _fit(tiny_params("train.batch_size=47", "train.epochs=1"), data_dir, tmp_path)  # 48 = 47 + 1
+    assert [n for phase, n, _ in sizes if phase == "train"] == [47, 1]
