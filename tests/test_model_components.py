@@ -412,3 +412,125 @@ def test_reconstruction_is_the_masked_mean_squared_error_with_a_detached_target(
     assert all(t.grad is None for t in target.values()), "the reconstruction target must be detached"
     assert reconstructed["text"].grad[1, 1].abs().sum() == 0, "a padded step got a gradient"
     assert reconstructed["text"].grad[0, 0].abs().sum() > 0
+
+
+def test_a_learned_text_input_keeps_the_identity_and_the_others_still_get_statistics(monkeypatch):
+    """A model whose text comes from a trained encoder (BERT) skips text's projection, not the rest."""
+    torch.manual_seed(0)
+    from mdkat.data import Batch
+    from mdkat.models import build
+
+    params = load_params(ROOT / "params.yaml")
+    dims = {"text": 24, "audio": 5, "vision": 20}
+    model = build(params, dims)
+    assert list(model.projection) == list(MODALITIES)  # text first: the one skipped comes before the others
+    monkeypatch.setattr(type(model), "LEARNED_INPUTS", ("text",), raising=False)
+    g = torch.Generator().manual_seed(4)
+    feats = {m: torch.randn(3, 6, d, generator=g) + 2 for m, d in dims.items()}
+    lens = {f"{m}_len": torch.tensor([6, 6, 6]) for m in MODALITIES}
+    encoders.fit_input_statistics(model, Batch(**feats, **lens, label=torch.zeros(3), id=list("abc")))
+    assert model.projection["text"].in_mean.eq(0).all()
+    for m in ("audio", "vision"):
+        torch.testing.assert_close(model.projection[m].in_mean, feats[m].reshape(-1, dims[m]).mean(0))
+
+
+@pytest.mark.parametrize("width", [2, 5, 10])  # the narrowest, an odd one (a sine column more), a usual one
+def test_sinusoidal_positions_follow_the_transformer_formula(width):
+    # Vaswani et al. 2017: PE(t, 2i) = sin(t / 10000^(2i / d)), PE(t, 2i + 1) = cos(t / 10000^(2i / d))
+    steps = 7
+    table = encoders.sinusoidal_positions(steps, width, torch.device("cpu"), torch.float64)
+    assert table.shape == (steps, width)
+    for t in range(steps):
+        for column in range(width):
+            angle = t / 10000 ** (2 * (column // 2) / width)
+            expected = math.sin(angle) if column % 2 == 0 else math.cos(angle)
+            assert table[t, column].item() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [0, 2, 4, -2])
+def test_an_even_convolution_kernel_is_refused(kernel):
+    with pytest.raises(ValueError, match=f"conv kernel must be odd .* got {kernel}"):
+        encoders.Projection(6, 8, kernel=kernel, dropout=0.0)
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_an_odd_convolution_kernel_keeps_every_step_centred(kernel):
+    projection = encoders.Projection(2, 4, kernel=kernel, dropout=0.0)
+    x = torch.zeros(1, 9, 2)
+    x[0, 4, 0] = 1.0  # one impulse at step 4
+    with torch.no_grad():
+        projection.conv.weight.fill_(1.0)
+        out = projection.conv(x.transpose(1, 2)).transpose(1, 2)  # (1, 9, 4)
+    reached = torch.nonzero(out[0, :, 0]).flatten().tolist()
+    assert reached == list(range(4 - kernel // 2, 4 + kernel // 2 + 1))  # symmetric around step 4
+
+
+# -------------------------------------------------------------------------------------------------------
+# CFF
+
+
+def test_the_cff_gate_decides_how_much_of_the_other_modalities_is_added():
+    from mdkat.models.cff import CrossModalLayer
+    from mdkat.models.encoders import key_mask
+
+    torch.manual_seed(0)
+    layer = CrossModalLayer(8, 2, dropout=0.0).eval()
+    x, others = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    with torch.no_grad():
+        layer.ffn[3].weight.zero_()  # the feed-forward's output layer: the output is norm_out(x + g * a)
+        layer.ffn[3].bias.zero_()
+        layer.gate.weight.zero_()
+        a = layer.attn(layer.norm_q(x), layer.norm_kv(others), key_mask(mask))
+        for g in (0.0, 0.25, 0.75, 1.0):
+            layer.gate.bias.fill_(math.log(g / (1 - g)) if 0 < g < 1 else (-1e4 if g == 0 else 1e4))
+            torch.testing.assert_close(layer(x, others, mask), layer.norm_out(x + g * a), atol=1e-5, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------------------
+# KA, continued
+
+
+def test_ka_weighs_a_negative_one_sentiment_point_away_by_one_minus_exp_minus_one():
+    # the docstring's 0.63: two samples of identical features one point apart, loss = log(1 + 0.632)
+    torch.manual_seed(0)
+    ka = KnowledgeAggregation(16, PARAMS.ka_temperature)
+    one = {m: torch.randn(1, 16) for m in MODALITIES}
+    with torch.no_grad():
+        loss = ka({m: v.expand(2, -1) for m, v in one.items()}, torch.tensor([0.0, 1.0])).item()
+    assert loss == pytest.approx(math.log(1 + 0.6321205588), abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.5, -2.0])
+def test_ka_refuses_a_temperature_that_is_not_positive(temperature):
+    with pytest.raises(ValueError, match=f"ka_temperature must be positive, got {temperature}"):
+        KnowledgeAggregation(16, temperature)
+
+
+def test_ka_on_two_ranks_of_three_samples_averages_to_the_one_process_loss(monkeypatch):
+    """Under torchrun a rank's anchors find their own prototypes at rows rank * B + i of the gathered
+    batch (B = 3: not a power of two, where i + offset and i ^ offset differ)."""
+    import mdkat.models.ka as module
+
+    torch.manual_seed(0)
+    ka = KnowledgeAggregation(16, PARAMS.ka_temperature).train()  # no dropout inside: train mode is exact
+    pooled = {m: torch.randn(6, 16) for m in MODALITIES}
+    label = torch.tensor([-2.0, -0.5, 0.3, 1.0, 1.8, 2.9])
+    with torch.no_grad():
+        whole = ka(pooled, label).item()
+        prototypes = {}
+        monkeypatch.setattr(module, "gather_rows", lambda y: (y, 0))
+        for rank in (0, 1):  # each rank's prototypes, as the collective would gather them
+            mine = slice(3 * rank, 3 * rank + 3)
+            monkeypatch.setattr(
+                module, "gather_rows_with_grad", lambda p, r=rank: (prototypes.setdefault(r, p), 0)
+            )
+            ka({m: v[mine] for m, v in pooled.items()}, label[mine])
+        losses = []
+        gathered = torch.cat([prototypes[0], prototypes[1]])  # (6, d) in rank order
+        for rank in (0, 1):
+            mine = slice(3 * rank, 3 * rank + 3)
+            monkeypatch.setattr(module, "gather_rows_with_grad", lambda p, r=rank: (gathered, 3 * r))
+            monkeypatch.setattr(module, "gather_rows", lambda y: (label, 0))
+            losses.append(ka({m: v[mine] for m, v in pooled.items()}, label[mine]).item())
+    assert sum(losses) / 2 == pytest.approx(whole, rel=1e-5)
