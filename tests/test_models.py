@@ -392,3 +392,27 @@ def test_aligned_data_share_one_importance_per_step_and_unaligned_do_not():
     with torch.no_grad():
         out = build(small(), MOSI, aligned=False).eval()(unaligned).importance
     assert {m: out[m].shape[1] for m in MODALITIES} == SMALL_UNALIGNED
+
+
+# each report variant of MDKAT -> the submodules its model must lack (the label says which)
+VARIANT_REMOVES = {
+    "no_cff": ("w/o CFF", ("cff",)),
+    "no_amsa": ("w/o AMSA", ("amsa",)),
+    "no_ka": ("w/o KA", ("ka",)),
+    "no_kt": ("w/o KT", ("kt",)),
+    "no_decoupling": ("w/o decoupling", ("shared", "decoders")),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANT_REMOVES))
+def test_each_ablation_of_the_report_builds_a_model_without_the_module_it_names(variant):
+    from mdkat.models import variant_label, variant_values
+
+    label, removed = VARIANT_REMOVES[variant]
+    params = small()
+    ablated = build(with_values(params, variant_values(params, variant)), MOSI)
+    full = build(params, MOSI)
+    assert variant_label(params, variant) == label
+    assert all(getattr(full, name) is not None and getattr(ablated, name, None) is None for name in removed)
+    kept = [n for _, (_, names) in VARIANT_REMOVES.items() for n in names if n not in removed]
+    assert all(getattr(ablated, name) is not None for name in kept)  # and nothing else
