@@ -207,8 +207,11 @@ def recheck(
 
 
 def _key(record: dict) -> str:
-    """A mutant's name in accepted.yaml: its operator and occurrence, unique within its module."""
-    return f"{record['operator']}#{record['occurrence']}"
+    """A mutant's name in accepted.yaml: its operator and occurrence, unique within its module; prefixed
+    with the file's name where a target mutates several files (`encoders.py:core/...#3`)."""
+    key = f"{record['operator']}#{record['occurrence']}"
+    target = TARGETS.get(record["target"])
+    return f"{Path(record['module']).name}:{key}" if target and len(target.files) > 1 else key
 
 
 def summarize(records: list[dict], accepted: dict[str, dict[str, str]]) -> list[dict]:

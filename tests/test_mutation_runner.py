@@ -73,3 +73,15 @@ def test_a_sample_is_the_same_fraction_and_the_same_mutants_in_every_session(tmp
     assert len(every) > 20 and again_every == every
     assert len(first) == round(len(every) * 0.25) and first <= every
     assert again == first
+
+
+def test_a_survivor_of_a_target_of_several_files_is_named_with_its_file():
+    from tests.mutation import _key
+
+    one = {"target": "align", "module": "mdkat/data/align.py", "operator": "core/X", "occurrence": 3}
+    several = {"target": "models", "module": "mdkat/models/ka.py", "operator": "core/X", "occurrence": 3}
+    assert _key(one) == "core/X#3" and _key(several) == "ka.py:core/X#3"
+    # the same operator and occurrence in two files of one target are two mutants, accepted one by one
+    other = {**several, "module": "mdkat/models/kt.py", "outcome": "survived"}
+    rows = summarize([{**several, "outcome": "survived"}, other], {"models": {"ka.py:core/X#3": "why"}})
+    assert rows[0]["accepted"] == 1 and rows[0]["kill_rate"] == 0.0
