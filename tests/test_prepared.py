@@ -248,8 +248,8 @@ def _broken():
         (_with(t, text_ids=t["text_ids"] - 102), "key 'text_ids': negative token ids"),
         (_with(t, text_ids=np.where(t["text_ids"] == 0, -1, t["text_ids"])), "negative token ids"),  # -1 too
         # numbers of another kind: numpy orders dtypes by safe casting, so these are neither < nor > int64
-        (_with(s, text_len=s["text_len"].astype(np.float64)), "key 'text_len': expected int64 of shape .*, got float64"),
-        (_with(s, text_len=s["text_len"].astype(np.uint64)), "key 'text_len': expected int64 of shape .*, got uint64"),
+        (_with(s, text_len=s["text_len"].astype(np.float64)), "'text_len': expected int64 .*, got float64"),
+        (_with(s, text_len=s["text_len"].astype(np.uint64)), "'text_len': expected int64 .*, got uint64"),
         (_with(t, text_ids=t["text_ids"].astype(np.float64)), "key 'text_ids': expected int64"),
         (_with(t, text_mask=t["text_mask"].astype(np.uint64)), "key 'text_mask': expected int64"),
         # the three agree with each other but not with the split

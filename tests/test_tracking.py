@@ -206,7 +206,8 @@ def test_each_split_is_a_dataset_input_with_its_context_digest_and_count(tracked
 
 
 UNIQUE_BROKEN = (
-    "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest"
+    "(sqlite3.IntegrityError) UNIQUE constraint failed: "
+    "datasets.experiment_id, datasets.name, datasets.digest"
 )
 
 
