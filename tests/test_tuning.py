@@ -656,3 +656,19 @@ def test_a_worker_killed_mid_trial_is_failed_by_its_heartbeat_and_the_study_ends
     kept = [t.params for t in trials if t.state == TrialState.COMPLETE]
     assert kept == [t.params for t in _trials(_journal(tmp_path / "whole.journal"), name)]
     assert optuna.study.get_all_study_names(url) == [name]
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("median", optuna.pruners.MedianPruner),
+        ("hyperband", optuna.pruners.HyperbandPruner),
+        ("none", optuna.pruners.NopPruner),  # sorts after "median": chosen by name, not by order
+    ],
+)
+def test_tune_pruner_chooses_optunas_pruner_by_name(kind, expected):
+    params = load_params(ROOT / "params.yaml", [f"tune.pruner={kind}"])
+    pruner = mdkat.tuning._pruner(params)
+    assert type(pruner) is expected
+    if kind == "median":  # three unpruned trials first, and never on the first epochs
+        assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (3, 2)
