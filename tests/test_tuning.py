@@ -672,3 +672,8 @@ def test_tune_pruner_chooses_optunas_pruner_by_name(kind, expected):
     assert type(pruner) is expected
     if kind == "median":  # three unpruned trials first, and never on the first epochs
         assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (3, 2)
+
+
+def test_a_trial_line_names_each_value_by_the_last_part_of_its_key():
+    values = {"loss.mdkat.ka": 0.25, "model.misa.lr": 1e-4, "train.lr": 0.0012345}
+    assert mdkat.tuning._short(values) == "ka=0.25 lr=0.0001 lr=0.00123"
