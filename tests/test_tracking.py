@@ -880,3 +880,22 @@ def test_system_metrics_are_logged_into_the_train_run_only_when_switched_on(
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= sampled
     assert not [k for k in client.get_run(off["run_id"]).data.metrics if k.startswith("system/")]
     assert params.mlflow.system_metrics is False  # the default: no sampling thread
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("echo 550.54.15; echo 550.54.15", "550.54.15"),  # one line per GPU: the first
+        ("echo 'NVIDIA-SMI has failed' >&2; exit 9", "unknown"),
+        (None, "unknown"),  # no nvidia-smi on the PATH
+    ],
+)
+def test_the_gpu_driver_tag_is_read_from_nvidia_smi(tmp_path, monkeypatch, script, expected):
+    from mdkat.tracking import _nvidia_driver
+
+    if script is not None:
+        tool = tmp_path / "nvidia-smi"
+        tool.write_text(f"#!/bin/sh\n{script}\n")
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert _nvidia_driver() == expected
