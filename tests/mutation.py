@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in [] if args.recheck else names:
             records += mutate(name, copy, args.timeout, args.sample)
             write_json(out / "mutation.json", records)  # a long run keeps what it has so far
+    order = list(TARGETS)  # the table in TARGETS' order, whichever targets this run replaced
+    records.sort(key=lambda r: order.index(r["target"]) if r["target"] in order else len(order))
+    write_json(out / "mutation.json", records)
     rows = summarize(records, accepted or {})
     with atomic_open(out / "mutation.md") as f:
         f.write(_markdown(rows, records, accepted or {}).encode())
