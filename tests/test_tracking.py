@@ -887,6 +887,8 @@ def test_system_metrics_are_logged_into_the_train_run_only_when_switched_on(
     [
         ("echo 550.54.15; echo 550.54.15", "550.54.15"),  # one line per GPU: the first
         ("echo 'NVIDIA-SMI has failed' >&2; exit 9", "unknown"),
+        # what it prints after a driver update without a reboot, on stdout, exiting with an error
+        ("echo 'Failed to initialize NVML: Driver/library version mismatch'; exit 18", "unknown"),
         (None, "unknown"),  # no nvidia-smi on the PATH
     ],
 )
