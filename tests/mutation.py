@@ -191,12 +191,8 @@ def recheck(
         try:
             _cosmic_ray("apply", r["module"], r["operator"], str(r["occurrence"]), cwd=copy)
             target = TARGETS[r["target"]]
-            command = _config(r["module"], target.recheck or target.tests, timeout_s).split(
-                'test-command = "'
-            )[1]
-            done = subprocess.run(
-                command.split('"')[0].split(), cwd=copy, capture_output=True, timeout=timeout_s
-            )
+            command = _test_command(target.recheck or target.tests)
+            done = subprocess.run(command, cwd=copy, capture_output=True, timeout=timeout_s)
             r["outcome"] = "killed" if done.returncode != 0 else "survived"
         except subprocess.TimeoutExpired:
             r["outcome"] = "timeout"
